@@ -1,0 +1,269 @@
+"""A kubelet stand-in for the tests and the benchmark.
+
+It does what ../shared/KUBELET.md says a kubelet does, not what is convenient:
+
+- start() deletes every unix socket in the device-plugins directory (keeping
+  other files, such as kubelet_internal_checkpoint), then serves Registration on
+  a fresh kubelet.sock;
+- Register validates the version, the resource name and the endpoint, and
+  answers errors as gRPC UNKNOWN with a message;
+- in the default mode (kubelet 1.25 and later) Register dials the plugin back
+  and calls GetDevicePluginOptions (10 s timeout) before it returns; in
+  `legacy` mode (1.10 to 1.24) it returns at once, reads the options from the
+  RegisterRequest and dials afterwards;
+- it then reads one ListAndWatch stream per registration, taking every message
+  as the FULL device list; when a stream ends it marks all the resource's
+  devices unhealthy (capacity unchanged) and never re-dials;
+- registering a resource again replaces (and closes) its old endpoint.
+
+It runs in the caller's process on gRPC's thread pool; its state is read
+through wait_for(), which blocks on a condition variable until a predicate
+holds or a timeout passes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import threading
+import time
+from concurrent import futures
+from typing import Callable
+
+import grpc
+
+import deviceplugin_pb2 as pb
+import deviceplugin_pb2_grpc as pb_grpc
+
+KUBELET_SOCKET = "kubelet.sock"
+DIAL_BACK_TIMEOUT_S = 10.0
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+
+
+def resource_name_error(name: str) -> str | None:
+    """Why the kubelet would reject `name` as an extended resource name, or None."""
+    domain, slash, short = name.partition("/")
+    if not slash or not short:
+        return f"resource name {name!r} is not of the form domain/name"
+    if not re.fullmatch(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*", domain) or len(domain) > 253:
+        return f"resource domain {domain!r} is not a DNS subdomain"
+    if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
+        return f"resource name {name!r} is under kubernetes.io"
+    if len(short) > 63 or not re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", short):
+        return f"resource name part {short!r} is not a qualified name"
+    return None
+
+
+class Endpoint:
+    """One registration: the channel to the plugin and what its stream said."""
+
+    def __init__(self, resource: str, socket_path: str, options: pb.DevicePluginOptions) -> None:
+        self.resource = resource
+        self.socket_path = socket_path
+        self.options = options
+        self.channel = grpc.insecure_channel(f"unix://{socket_path}", options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.DevicePluginStub(self.channel)
+        self.stream: grpc.Future | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        if self.stream is not None:
+            self.stream.cancel()
+        self.channel.close()
+
+
+class ResourceState:
+    """What the node status would show for one resource."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, str] = {}  # ID -> health, from the last message
+        self.messages = 0
+        self.last_message_at = 0.0  # time.monotonic() of the last message
+        self.registrations = 0
+        self.registered_at = 0.0
+        self.stream_open = False
+        self.stream_ends = 0
+        self.endpoint: Endpoint | None = None
+        self.options: pb.DevicePluginOptions | None = None
+        self.options_calls = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self.devices)
+
+    @property
+    def allocatable(self) -> int:
+        return sum(1 for health in self.devices.values() if health == "Healthy")
+
+
+class FakeKubelet(pb_grpc.RegistrationServicer):
+    def __init__(self, plugin_dir: str, legacy: bool = False, register_delay_s: float = 0.0) -> None:
+        self.plugin_dir = plugin_dir
+        self.socket_path = os.path.join(plugin_dir, KUBELET_SOCKET)
+        self.legacy = legacy
+        # Seconds Register sleeps before answering: a kubelet going away.
+        self.register_delay_s = register_delay_s
+        self.resources: dict[str, ResourceState] = {}
+        self.rejections: list[str] = []
+        self.cond = threading.Condition()
+        self.server: grpc.Server | None = None
+        self.generation = 0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        os.makedirs(self.plugin_dir, exist_ok=True)
+        for name in os.listdir(self.plugin_dir):
+            path = os.path.join(self.plugin_dir, name)
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        pb_grpc.add_RegistrationServicer_to_server(self, server)
+        server.add_insecure_port(f"unix://{self.socket_path}")
+        server.start()
+        with self.cond:
+            self.generation += 1
+            self.server = server
+
+    def stop(self) -> None:
+        """The kubelet process ends: its socket goes, its plugin connections close."""
+        with self.cond:
+            server, self.server = self.server, None
+            endpoints = [r.endpoint for r in self.resources.values() if r.endpoint]
+            for state in self.resources.values():
+                state.endpoint = None
+        if server is not None:
+            server.stop(None).wait()
+        for endpoint in endpoints:
+            endpoint.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    # -- the Registration service ---------------------------------------------
+
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
+        generation = self.generation
+        error = None
+        if request.version != "v1beta1":
+            error = f"unsupported device plugin API version {request.version!r}"
+        elif resource_name_error(request.resource_name):
+            error = resource_name_error(request.resource_name)
+        elif not request.endpoint or "/" in request.endpoint:
+            error = f"endpoint {request.endpoint!r} is not a file name in {self.plugin_dir}"
+        if error:
+            with self.cond:
+                self.rejections.append(error)
+                self.cond.notify_all()
+            context.abort(grpc.StatusCode.UNKNOWN, error)
+        if self.register_delay_s:
+            time.sleep(self.register_delay_s)
+        endpoint = Endpoint(
+            request.resource_name, os.path.join(self.plugin_dir, request.endpoint), request.options
+        )
+        if not self.legacy:
+            try:
+                endpoint.options = endpoint.stub.GetDevicePluginOptions(
+                    pb.Empty(), timeout=DIAL_BACK_TIMEOUT_S, wait_for_ready=True
+                )
+            except grpc.RpcError as e:
+                endpoint.close()
+                context.abort(grpc.StatusCode.UNKNOWN, f"failed to get device plugin options: {e.details()}")
+            with self.cond:
+                self.resources.setdefault(request.resource_name, ResourceState()).options_calls += 1
+        with self.cond:
+            if generation != self.generation or self.server is None:
+                endpoint.close()
+                context.abort(grpc.StatusCode.UNAVAILABLE, "kubelet is shutting down")
+            state = self.resources.setdefault(request.resource_name, ResourceState())
+            old, state.endpoint = state.endpoint, endpoint
+            state.options = endpoint.options
+            state.registrations += 1
+            state.registered_at = time.monotonic()
+            self.cond.notify_all()
+        if old is not None:
+            old.close()
+        threading.Thread(target=self._read_stream, args=(endpoint,), daemon=True).start()
+        return pb.Empty()
+
+    def _read_stream(self, endpoint: Endpoint) -> None:
+        state = self.resources[endpoint.resource]
+        try:
+            stream = endpoint.stub.ListAndWatch(pb.Empty(), wait_for_ready=True)
+            endpoint.stream = stream
+            if endpoint.closed:
+                stream.cancel()
+            with self.cond:
+                if state.endpoint is endpoint:
+                    state.stream_open = True
+                    self.cond.notify_all()
+            for message in stream:
+                with self.cond:
+                    if state.endpoint is not endpoint:
+                        break
+                    state.devices = {d.ID: d.health for d in message.devices}
+                    state.messages += 1
+                    state.last_message_at = time.monotonic()
+                    self.cond.notify_all()
+        except grpc.RpcError:
+            pass
+        finally:
+            with self.cond:
+                if state.endpoint is endpoint or state.endpoint is None:
+                    # Capacity stays; nothing is allocatable until the plugin
+                    # registers again.
+                    state.devices = dict.fromkeys(state.devices, "Unhealthy")
+                    state.stream_open = False
+                    state.stream_ends += 1
+                    self.cond.notify_all()
+
+    # -- what tests and the benchmark ask ---------------------------------------
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout=timeout)
+
+    def state(self, resource: str) -> ResourceState:
+        with self.cond:
+            return self.resources.setdefault(resource, ResourceState())
+
+    def wait_registered(self, resources: list[str], count: int, timeout: float = 10.0,
+                        min_registrations: int = 1) -> bool:
+        """Every resource registered, its stream open and `count` devices listed."""
+        def ready() -> bool:
+            for name in resources:
+                state = self.resources.get(name)
+                if (state is None or state.registrations < min_registrations
+                        or not state.stream_open or state.capacity != count):
+                    return False
+            return True
+        return self.wait_for(ready, timeout)
+
+    def allocate(self, resource: str, containers: list[list[str]], timeout: float = 5.0) -> pb.AllocateResponse:
+        with self.cond:
+            endpoint = self.resources[resource].endpoint
+        assert endpoint is not None, f"{resource} is not registered"
+        request = pb.AllocateRequest(
+            container_requests=[pb.ContainerAllocateRequest(devices_ids=ids) for ids in containers]
+        )
+        return endpoint.stub.Allocate(request, timeout=timeout)
+
+    def stub(self, resource: str) -> pb_grpc.DevicePluginStub:
+        with self.cond:
+            endpoint = self.resources[resource].endpoint
+        assert endpoint is not None, f"{resource} is not registered"
+        return endpoint.stub
+
+    def end_stream(self, resource: str) -> None:
+        """The kubelet ends a ListAndWatch stream while both sides keep running."""
+        with self.cond:
+            endpoint = self.resources[resource].endpoint
+        assert endpoint is not None and endpoint.stream is not None, f"{resource} has no stream"
+        endpoint.stream.cancel()

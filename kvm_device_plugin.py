@@ -1,0 +1,996 @@
+#!/usr/bin/env python3
+"""A Kubernetes device plugin for /dev/kvm, /dev/net/tun and /dev/vhost-net.
+
+Why it exists
+-------------
+A pod that runs virtual machines (KubeVirt's virt-launcher, Kata, Firecracker
+runners, CI sandboxes) needs a few device nodes. Without a device plugin the
+only way to get them is a privileged container. With it, the pod asks for
+``devices.kubevirt.io/kvm: 1`` in its limits, the scheduler places it only on
+nodes that advertise the resource, and the kubelet adds the device node to the
+container's device cgroup and /dev, and nothing else.
+
+How it talks to the kubelet (Device Plugin API v1beta1)
+-------------------------------------------------------
+For every resource (kvm, tun, vhost-net, ...) the plugin:
+
+1. serves the ``v1beta1.DevicePlugin`` gRPC service on its own unix socket in
+   the kubelet's device-plugins directory (one server per resource, because a
+   ListAndWatch request does not say which resource it is for);
+2. then calls ``v1beta1.Registration/Register`` on ``kubelet.sock`` in that
+   directory, naming its socket file and resource. Since kubelet 1.25 the
+   kubelet dials the plugin back and calls GetDevicePluginOptions before
+   Register returns, which is why the server must already be running;
+3. answers the kubelet's ListAndWatch stream with the FULL device list, again
+   after every health change (a device missing from a message is dropped);
+4. answers Allocate at pod admission with the device node to put into the
+   container.
+
+When the kubelet restarts it deletes every socket in the directory and never
+dials a plugin again by itself: the plugin has to notice and register anew.
+That, and telling the truth about whether a device is really there, is most of
+this file.
+
+The file reads top to bottom: constants and the device table; device node
+checks; the file watcher; the DevicePlugin servicer; registration and the
+lifecycle loop; the command line. Everything runs on one asyncio event loop
+(grpc.aio): streams, file watches, signals and timers, with no worker threads
+and no locks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import re
+import signal
+import stat
+import struct
+import sys
+import time
+from typing import Callable, NamedTuple
+
+# gRPC core logs its own INFO lines to stderr unless told otherwise; an operator
+# reading this plugin's log wants only ours. Must be set before grpc loads.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import deviceplugin_pb2 as pb  # noqa: E402
+import deviceplugin_pb2_grpc as pb_grpc  # noqa: E402
+
+log = logging.getLogger("kvm-device-plugin")
+
+# ---------------------------------------------------------------------------
+# Constants and the device table
+#
+# Everything the kubelet and the kernel fix lives here, so that the rest of the
+# file can be read without knowing the numbers. Adding a device is one line in
+# DEVICE_TABLE.
+# ---------------------------------------------------------------------------
+
+API_VERSION = "v1beta1"  # the only version kubelets 1.10 to today speak
+HEALTHY = "Healthy"  # the kubelet compares these strings exactly
+UNHEALTHY = "Unhealthy"
+KUBELET_SOCKET = "kubelet.sock"
+DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+DEFAULT_RESOURCE_DOMAIN = "devices.kubevirt.io"
+DEFAULT_COUNT = 110  # KubeVirt's default: the kubelet's default pod limit
+MAX_COUNT = 100_000
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+
+# Since kubelet 1.25 Register waits for the kubelet to dial back (10 s timeout)
+# and call GetDevicePluginOptions; leave room for that and then some.
+REGISTER_TIMEOUT_S = 20.0
+# A kubelet.sock that exists but refuses is usually a kubelet a few
+# milliseconds from listening: retry fast first, then at most once a second.
+RETRY_FIRST_S = 0.005
+RETRY_MAX_S = 1.0
+# Safety net for a missed inotify event, an overflowed inotify queue, and the
+# only way to see a kernel module loaded later (/proc/misc cannot be watched).
+RECHECK_S = 5.0
+# Without inotify (a node out of watches) the safety net is all there is.
+POLL_WITHOUT_INOTIFY_S = 1.0
+# On SIGTERM, streams get this long to deliver their last (empty) list.
+SHUTDOWN_GRACE_S = 1.0
+
+# Neither PreStartContainer nor GetPreferredAllocation is useful for devices
+# that any number of containers may share. The kubelet reads these options from
+# RegisterRequest up to 1.24 and from GetDevicePluginOptions from 1.25 on, so
+# the same message is sent both ways.
+PLUGIN_OPTIONS = pb.DevicePluginOptions(
+    pre_start_required=False, get_preferred_allocation_available=False
+)
+
+MISC_MAJOR = 10  # kvm, tun, vhost-net and friends are all "misc" devices
+PROC_MISC = "/proc/misc"  # the host kernel's in any container: not namespaced
+KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO=0xAE, 0x00)
+KVM_API_VERSION = 12  # stable since Linux 2.6.22
+
+
+class DeviceKind(NamedTuple):
+    name: str  # resource name suffix, device ID prefix, --devices value
+    path: str  # the node's path on the host, and in the container
+    minor: int | None  # misc minor; None = assigned at load time
+    misc_name: str  # the driver's name in /proc/misc
+    module: str  # what an operator loads with modprobe
+    kvm_api: bool = False  # ask KVM_GET_API_VERSION when the node opens
+
+
+DEVICE_TABLE: dict[str, DeviceKind] = {
+    kind.name: kind
+    for kind in (
+        DeviceKind("kvm", "/dev/kvm", 232, "kvm", "kvm_intel or kvm_amd", kvm_api=True),
+        DeviceKind("tun", "/dev/net/tun", 200, "tun", "tun"),
+        DeviceKind("vhost-net", "/dev/vhost-net", 238, "vhost-net", "vhost_net"),
+        DeviceKind("vhost-vsock", "/dev/vhost-vsock", 241, "vhost-vsock", "vhost_vsock"),
+        DeviceKind("sev", "/dev/sev", None, "sev", "ccp"),
+        DeviceKind("mshv", "/dev/mshv", None, "mshv", "mshv_root (mshv on older kernels)"),
+    )
+}
+DEFAULT_DEVICES = ("kvm", "tun", "vhost-net")
+
+
+# ---------------------------------------------------------------------------
+# Device node checks
+#
+# A device is advertised Healthy only when it would work in a container: the
+# node exists where the kubelet will look for it, it is the right device, and
+# its driver is loaded. Every Unhealthy verdict carries a reason an operator
+# can act on, because "0 allocatable" alone explains nothing.
+# ---------------------------------------------------------------------------
+
+
+class Verdict(NamedTuple):
+    healthy: bool
+    reason: str
+
+
+def read_proc_misc(path: str = PROC_MISC) -> dict[str, int] | None:
+    """Map driver name to misc minor for every registered misc driver.
+
+    A misc minor appears here only while its driver is loaded, which is how an
+    unprivileged process tells "node present, driver missing" from a working
+    device. None when the file cannot be read (not Linux, or /proc hidden).
+    """
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    drivers: dict[str, int] = {}
+    for line in text.splitlines():
+        minor, _, name = line.strip().partition(" ")
+        if minor.isdigit() and name:
+            drivers[name.strip()] = int(minor)
+    return drivers
+
+
+def describe_file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISFIFO, "named pipe"),
+    ):
+        if test(mode):
+            return name
+    return "file of unknown type"
+
+
+class NodeChecker:
+    """Decides whether one kind of device node is usable, and says why not.
+
+    Owns the memory of the last open() attempt: opening a node whose driver is
+    missing makes the kernel try to load a module, so the node is opened again
+    only when something about it (its identity, or its driver's presence in
+    /proc/misc) has changed, never once per event or timer tick.
+    """
+
+    def __init__(self, kind: DeviceKind, host_root: str) -> None:
+        self.kind = kind
+        self.node_path = os.path.join(host_root, kind.path.lstrip("/"))
+        self._probe_key: tuple | None = None
+        self._probe: tuple[str, str] = ("", "")
+        self._refusal_logged = False
+
+    def check(self, misc: dict[str, int] | None) -> Verdict:
+        kind = self.kind
+        load = f"load kernel module {kind.module}"
+        try:
+            st = os.lstat(self.node_path)
+        except FileNotFoundError:
+            return Verdict(False, f"{kind.path} is missing ({load})")
+        except OSError as e:
+            return Verdict(False, f"cannot stat {kind.path}: {e.strerror}")
+        if not stat.S_ISCHR(st.st_mode):
+            what = describe_file_type(st.st_mode)
+            return Verdict(False, f"{kind.path} is a {what}, not a character device")
+
+        if kind.minor is not None:
+            expected_minor = kind.minor
+        elif misc is None:
+            return Verdict(False, f"cannot read {PROC_MISC} to learn the minor of {kind.path}")
+        elif kind.misc_name not in misc:
+            # The node's minor may belong to another driver now: never open it.
+            return Verdict(
+                False, f"driver not loaded: no '{kind.misc_name}' in {PROC_MISC} ({load})"
+            )
+        else:
+            expected_minor = misc[kind.misc_name]
+        found = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if found != (MISC_MAJOR, expected_minor):
+            return Verdict(
+                False,
+                f"{kind.path} has device number {found[0]}:{found[1]}, "
+                f"expected {MISC_MAJOR}:{expected_minor}",
+            )
+
+        driver_listed = misc is None or expected_minor in misc.values()
+        key = (st.st_dev, st.st_ino, st.st_rdev, st.st_ctime_ns, driver_listed)
+        if key != self._probe_key:
+            self._probe_key = key
+            self._probe = self._open_probe()
+        outcome, detail = self._probe
+
+        if outcome == "ok":
+            return Verdict(True, detail)
+        if outcome == "refused":
+            # The normal case in an unprivileged pod: the device cgroup lets the
+            # plugin see the node but not open it. Trust stat and /proc/misc.
+            if not self._refusal_logged:
+                self._refusal_logged = True
+                log.info(
+                    "cannot open %s (%s): checking its device number and %s only",
+                    kind.path, detail, PROC_MISC,
+                )
+            if not driver_listed:
+                return Verdict(
+                    False, f"driver not loaded: minor {expected_minor} not in {PROC_MISC} ({load})"
+                )
+            return Verdict(True, f"node {MISC_MAJOR}:{expected_minor} present, driver loaded")
+        if outcome == "nodriver":
+            return Verdict(False, f"driver not loaded: opening {kind.path} gave {detail} ({load})")
+        return Verdict(False, detail)
+
+    def _open_probe(self) -> tuple[str, str]:
+        """Open the node as a VMM would; for kvm ask its API version.
+
+        Returns (outcome, detail) with outcome one of ok, refused (device cgroup
+        or permissions), nodriver (ENODEV/ENXIO: no driver behind the minor)
+        or error.
+        """
+        kind = self.kind
+        try:
+            fd = os.open(self.node_path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            name = errno.errorcode.get(e.errno, str(e.errno))
+            if e.errno in (errno.EPERM, errno.EACCES):
+                return "refused", f"{name}: {e.strerror}"
+            if e.errno in (errno.ENODEV, errno.ENXIO):
+                return "nodriver", name
+            if e.errno == errno.ENOENT:
+                return "error", f"{kind.path} vanished while being checked"
+            return "error", f"cannot open {kind.path}: {name} {e.strerror}"
+        try:
+            if not kind.kvm_api:
+                return "ok", "opened read-write"
+            try:
+                version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+            except OSError as e:
+                return "error", f"KVM_GET_API_VERSION on {kind.path} failed: {e.strerror}"
+            if version != KVM_API_VERSION:
+                return "error", f"KVM API version {version}, expected {KVM_API_VERSION}"
+            return "ok", f"KVM API version {version}"
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# The file watcher
+#
+# Two kinds of change must be seen at once: the kubelet restarting (it deletes
+# every socket in its directory and creates a new kubelet.sock) and a device
+# node appearing or vanishing. inotify tells us within microseconds. Events are
+# only wake-ups: whoever is woken looks at what is true now and acts, so a
+# missed, merged or self-inflicted event (a stopping gRPC server deletes its own
+# socket) can never lead us astray.
+# ---------------------------------------------------------------------------
+
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x1000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+WATCH_MASK = (
+    IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+)
+WAKE_ALWAYS = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
+EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len; then the name
+
+
+class DirectoryWatcher:
+    """Calls wake() when a file we care about changes in a watched directory.
+
+    `paths` are the files of interest. Their directories are watched; while a
+    directory does not exist yet (no /dev/net, no device-plugins directory) its
+    nearest existing ancestor is watched instead, so its creation wakes us too.
+    Only events whose name is a component of a path of interest wake: a busy
+    /dev full of unrelated nodes costs a read, not a reconcile.
+    """
+
+    def __init__(self, paths: list[str], wake: Callable[[], None]) -> None:
+        self.directories = sorted({os.path.dirname(p) for p in paths})
+        self.names = {part for p in paths for part in p.split("/") if part}
+        self.wake = wake
+        self.fd = -1
+        self._libc: ctypes.CDLL | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Begin watching; False (and the caller polls) when inotify is unavailable."""
+        try:
+            self._libc = ctypes.CDLL(None, use_errno=True)
+            fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        except (OSError, AttributeError) as e:
+            log.warning("inotify is unavailable (%s): polling every %.0f s instead", e, POLL_WITHOUT_INOTIFY_S)
+            return False
+        if fd < 0:
+            err = ctypes.get_errno()
+            log.warning(
+                "inotify is unavailable (%s): polling every %.0f s instead",
+                os.strerror(err), POLL_WITHOUT_INOTIFY_S,
+            )
+            return False
+        self.fd = fd
+        loop.add_reader(fd, self._drain)
+        return self.sync()
+
+    def sync(self) -> bool:
+        """(Re)add watches; directories come and go. False when out of watches."""
+        if self.fd < 0 or self._libc is None:
+            return False
+        for directory in self.directories:
+            target = directory
+            while True:
+                wd = self._libc.inotify_add_watch(self.fd, os.fsencode(target), WATCH_MASK)
+                if wd >= 0:
+                    break
+                err = ctypes.get_errno()
+                if err == errno.ENOSPC:
+                    log.warning(
+                        "out of inotify watches (fs.inotify.max_user_watches): "
+                        "polling every %.0f s instead", POLL_WITHOUT_INOTIFY_S,
+                    )
+                    self.close()
+                    return False
+                parent = os.path.dirname(target)
+                if parent == target:
+                    break
+                target = parent
+        return True
+
+    def _drain(self) -> None:
+        relevant = False
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                relevant = True
+                break
+            offset = 0
+            while offset + EVENT_HEADER.size <= len(data):
+                _wd, mask, _cookie, length = EVENT_HEADER.unpack_from(data, offset)
+                start = offset + EVENT_HEADER.size
+                name = data[start:start + length].rstrip(b"\0").decode(errors="replace")
+                offset = start + length
+                if mask & WAKE_ALWAYS or name in self.names:
+                    relevant = True
+        if relevant:
+            self.wake()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                asyncio.get_running_loop().remove_reader(self.fd)
+            except RuntimeError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
+# ---------------------------------------------------------------------------
+# The DevicePlugin servicer
+#
+# One instance per resource. It owns that resource's gRPC server, its socket,
+# its open ListAndWatch streams, its health verdict and its registration
+# state. The kubelet only ever sees what this class sends.
+# ---------------------------------------------------------------------------
+
+
+def plugin_socket_name(device: str) -> str:
+    # Our own prefix, so that an operator listing the directory sees whose
+    # sockets these are; the kubelet only cares that it is a bare file name.
+    return f"kvm-device-plugin-{device}.sock"
+
+
+def file_identity(path: str) -> tuple[int, int, int] | None:
+    """(device, inode, ctime) of a file, or None when it is not there.
+
+    Tells "the socket I bound" from "a socket someone made since at that path",
+    and "the kubelet I registered with" from a restarted one.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+class DevicePlugin(pb_grpc.DevicePluginServicer):
+    def __init__(
+        self,
+        kind: DeviceKind,
+        resource_name: str,
+        count: int,
+        permissions: str,
+        plugin_dir: str,
+        host_root: str,
+        wake: Callable[[], None],
+    ) -> None:
+        self.kind = kind
+        self.resource_name = resource_name
+        self.count = count
+        self.plugin_dir = plugin_dir
+        self.socket_name = plugin_socket_name(kind.name)
+        self.socket_path = os.path.join(plugin_dir, self.socket_name)
+        self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET)
+        self.checker = NodeChecker(kind, host_root)
+        self.wake = wake
+
+        # The kubelet gets the node's own path, never the host-root-prefixed
+        # one we look at, and no CDI or mount: just the device.
+        self._container_response = pb.ContainerAllocateResponse(
+            devices=[
+                pb.DeviceSpec(container_path=kind.path, host_path=kind.path, permissions=permissions)
+            ]
+        )
+        self.verdict = Verdict(False, "not checked yet")
+        self._message = self._device_list(UNHEALTHY)
+
+        self.server: grpc.aio.Server | None = None
+        self.generation = 0  # bumped for every fresh server
+        self.bound_socket: tuple[int, int, int] | None = None
+        self.streams: set[asyncio.Event] = set()
+        self.stream_ended = False
+        self.stopping = False
+
+        self.registered_with: tuple[int, int, int] | None = None  # kubelet.sock identity
+        self.registration: asyncio.Task | None = None
+        self.registration_target: tuple[int, int, int] | None = None
+        self.outage_started: float | None = time.monotonic()
+        self.ever_registered = False
+
+    # -- health ---------------------------------------------------------------
+
+    def _device_list(self, health: str) -> pb.ListAndWatchResponse:
+        # IDs are deterministic (kvm0 ... kvm109): the kubelet checkpoints
+        # allocations by ID and must find them again after a plugin restart.
+        # Topology stays unset: these devices have no NUMA affinity.
+        return pb.ListAndWatchResponse(
+            devices=[pb.Device(ID=f"{self.kind.name}{i}", health=health) for i in range(self.count)]
+        )
+
+    def refresh_health(self, misc: dict[str, int] | None) -> None:
+        verdict = self.checker.check(misc)
+        if verdict == self.verdict:
+            return
+        was_checked = self.verdict.reason != "not checked yet"
+        self.verdict = verdict
+        self._message = self._device_list(HEALTHY if verdict.healthy else UNHEALTHY)
+        state = HEALTHY if verdict.healthy else UNHEALTHY
+        level = logging.INFO if verdict.healthy or not was_checked else logging.WARNING
+        log.log(level, "%s: %d devices %s: %s", self.resource_name, self.count, state, verdict.reason)
+        for changed in self.streams:
+            changed.set()
+
+    # -- the DevicePlugin service -------------------------------------------------
+
+    async def GetDevicePluginOptions(self, request, context):
+        return PLUGIN_OPTIONS
+
+    async def ListAndWatch(self, request, context):
+        """Stream the full device list now and after every health change.
+
+        The kubelet opens one stream per registration and reads it forever. If
+        the stream ends while we are running, the kubelet marks every device
+        unhealthy and never reconnects: the lifecycle loop must register again,
+        so the end of a current stream wakes it.
+        """
+        changed = asyncio.Event()
+        generation = self.generation
+        self.streams.add(changed)
+        log.debug("%s: kubelet opened ListAndWatch", self.resource_name)
+        try:
+            while not self.stopping:
+                yield self._message
+                await changed.wait()
+                changed.clear()
+            # An empty list makes the kubelet drop the devices at once instead
+            # of keeping them unhealthy for five minutes.
+            yield pb.ListAndWatchResponse()
+        finally:
+            self.streams.discard(changed)
+            if not self.stopping and generation == self.generation:
+                self.stream_ended = True
+                self.wake()
+
+    async def GetPreferredAllocation(self, request, context):
+        return pb.PreferredAllocationResponse()  # never called: the option is off
+
+    async def PreStartContainer(self, request, context):
+        return pb.PreStartContainerResponse()  # never called: the option is off
+
+    async def Allocate(self, request, context):
+        """Give each container the device node.
+
+        The kubelet calls this at pod admission, once per container, and uses
+        container_responses[0]; we answer one response per request anyway. An
+        error here rejects the pod with our message in its status, so the
+        message names the resource and what is wrong.
+        """
+        if not request.container_requests:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.resource_name}: AllocateRequest has no container requests",
+            )
+        for index, container in enumerate(request.container_requests):
+            if not container.devices_ids:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{self.resource_name}: container request {index} has no device IDs",
+                )
+            for device_id in container.devices_ids:
+                if not self.is_known_id(device_id):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{self.resource_name}: unknown device ID {device_id!r} "
+                        f"(this plugin serves {self.kind.name}0 to {self.kind.name}{self.count - 1})",
+                    )
+        if not self.verdict.healthy:
+            # The container could not start without the node: fail admission
+            # now, with the reason, rather than at container creation.
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self.resource_name}: device unhealthy: {self.verdict.reason}",
+            )
+        ids = ",".join(i for c in request.container_requests for i in c.devices_ids)
+        log.info("%s: allocated %s", self.resource_name, ids)
+        return pb.AllocateResponse(
+            container_responses=[self._container_response] * len(request.container_requests)
+        )
+
+    def is_known_id(self, device_id: str) -> bool:
+        prefix = self.kind.name
+        number = device_id[len(prefix):]
+        return (
+            device_id.startswith(prefix)
+            and number.isdigit()
+            and number == str(int(number))  # "kvm01" is not "kvm1"
+            and int(number) < self.count
+        )
+
+    # -- server and registration -------------------------------------------------
+
+    def socket_intact(self) -> bool:
+        return self.bound_socket is not None and file_identity(self.socket_path) == self.bound_socket
+
+    def reason_to_register(self, kubelet: tuple[int, int, int] | None) -> str | None:
+        if kubelet is None:
+            return None
+        if self.registered_with is None:
+            return "not registered yet"
+        if self.registered_with != kubelet:
+            return "kubelet.sock was re-created"
+        if not self.socket_intact():
+            return "plugin socket was deleted"
+        if self.stream_ended:
+            return "kubelet ended the ListAndWatch stream"
+        return None
+
+    def reconcile_registration(self, kubelet: tuple[int, int, int] | None) -> None:
+        reason = self.reason_to_register(kubelet)
+        if reason is None:
+            return
+        if self.registration is not None and not self.registration.done():
+            if self.registration_target == kubelet:
+                return  # already on it
+            # A Register to a kubelet that is going away can hang for its 10 s
+            # dial-back; the new kubelet must not wait for that.
+            self.registration.cancel()
+        if self.outage_started is None:
+            self.outage_started = time.monotonic()
+        if self.ever_registered:
+            log.info("%s: registering again: %s", self.resource_name, reason)
+        self.registration_target = kubelet
+        self.registered_with = None
+        self.registration = asyncio.create_task(self._register(kubelet))
+
+    async def restart_server(self) -> None:
+        """Stop the old server, then serve afresh on the same path.
+
+        Order matters: stopping a gRPC server deletes the file at its socket
+        path even when a successor owns it, and binding silently replaces a
+        live socket. Stopping first also ends the old ListAndWatch stream
+        before the new registration, as kubelets before the late-2025 fix
+        need (the old connection's end could tear down the new one).
+        """
+        await self.stop_server(grace=None)
+        try:
+            os.unlink(self.socket_path)  # stale, from a killed earlier run
+        except FileNotFoundError:
+            pass
+        self.generation += 1
+        self.stream_ended = False
+        server = grpc.aio.server()
+        pb_grpc.add_DevicePluginServicer_to_server(self, server)
+        server.add_insecure_port(f"unix://{self.socket_path}")
+        await server.start()
+        self.server = server
+        self.bound_socket = file_identity(self.socket_path)
+
+    async def stop_server(self, grace: float | None) -> None:
+        server, self.server = self.server, None
+        if server is None:
+            return
+        self.generation += 1  # the ending streams are no longer "current"
+        mine = self.bound_socket
+        self.bound_socket = None
+        await server.stop(grace)
+        # grpc removes its socket file on stop; make sure, but never touch a
+        # file that is not the one we bound.
+        if mine is not None and file_identity(self.socket_path) == mine:
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+
+    async def _register(self, kubelet: tuple[int, int, int]) -> None:
+        delay = RETRY_FIRST_S
+        last_error = ""
+        await self.restart_server()
+        while True:
+            try:
+                if not self.socket_intact():
+                    await self.restart_server()
+                await self._call_register()
+                break
+            except grpc.aio.AioRpcError as e:
+                error = f"{e.code().name}: {e.details()}"
+            except OSError as e:
+                error = f"{e.strerror}"
+            except RuntimeError as e:  # grpc cannot bind: directory gone
+                error = str(e)
+            if error != last_error:
+                log.warning(
+                    "%s: registration with %s failed (%s); retrying",
+                    self.resource_name, self.kubelet_socket, error,
+                )
+                last_error = error
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+        self.registered_with = kubelet
+        took_ms = (time.monotonic() - (self.outage_started or time.monotonic())) * 1000
+        self.outage_started = None
+        again = "again " if self.ever_registered else ""
+        self.ever_registered = True
+        log.info(
+            "%s: registered %swith the kubelet after %.0f ms (%d devices %s)",
+            self.resource_name, again, took_ms, self.count,
+            HEALTHY if self.verdict.healthy else UNHEALTHY,
+        )
+        self.wake()  # the socket or kubelet may have changed while we worked
+
+    async def _call_register(self) -> None:
+        # A channel of its own: channels to one address otherwise share one
+        # connection and its ~1 s reconnect backoff after a refused connect.
+        async with grpc.aio.insecure_channel(
+            f"unix://{self.kubelet_socket}", options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            await pb_grpc.RegistrationStub(channel).Register(
+                pb.RegisterRequest(
+                    version=API_VERSION,
+                    endpoint=self.socket_name,  # a bare name inside plugin_dir
+                    resource_name=self.resource_name,
+                    options=PLUGIN_OPTIONS,
+                ),
+                timeout=REGISTER_TIMEOUT_S,
+            )
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        if self.registration is not None:
+            self.registration.cancel()
+        for changed in self.streams:
+            changed.set()
+        await self.stop_server(grace=SHUTDOWN_GRACE_S)
+
+
+# ---------------------------------------------------------------------------
+# Registration and the lifecycle loop
+#
+# One loop reconciles everything: on every wake-up (inotify, a stream ending, a
+# registration finishing, a signal, or the periodic safety net) it re-checks
+# every device, then asks each plugin whether it is registered with the
+# kubelet.sock that exists now over a socket that is still its own, and starts
+# (or restarts) registration where it is not.
+# ---------------------------------------------------------------------------
+
+
+class Daemon:
+    def __init__(self, plugins: list[DevicePlugin], plugin_dir: str, host_root: str) -> None:
+        self.plugins = plugins
+        self.plugin_dir = plugin_dir
+        self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET)
+        self.host_root = host_root
+        self.woken = asyncio.Event()
+        self.stop_requested = False
+        self.exit_code = 0
+        self.lock_fd = -1
+        self.lock_identity: tuple[int, int, int] | None = None
+        self.kubelet: tuple[int, int, int] | None = None
+        self.waiting_logged = False
+        watched = [self.kubelet_socket]
+        for plugin in plugins:
+            watched += [plugin.socket_path, plugin.checker.node_path]
+        self.watcher = DirectoryWatcher(watched, self.wake)
+        self.poll_s = RECHECK_S
+
+    def wake(self) -> None:
+        self.woken.set()
+
+    def request_stop(self, signum: int) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        self.stop_requested = True
+        self.wake()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            # As PID 1 in a container SIGTERM would otherwise do nothing.
+            loop.add_signal_handler(signum, self.request_stop, signum)
+        if not self.watcher.start(loop):
+            self.poll_s = POLL_WITHOUT_INOTIFY_S
+        try:
+            while True:
+                self.woken.clear()
+                self.reconcile()
+                if self.stop_requested:
+                    break
+                try:
+                    await asyncio.wait_for(self.woken.wait(), timeout=self.poll_s)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await asyncio.gather(*(plugin.shutdown() for plugin in self.plugins))
+            self.watcher.close()
+        log.info("stopped")
+        return self.exit_code
+
+    def reconcile(self) -> None:
+        misc = read_proc_misc()
+        for plugin in self.plugins:
+            plugin.refresh_health(misc)
+        if self.watcher.fd >= 0 and not self.watcher.sync():
+            self.poll_s = POLL_WITHOUT_INOTIFY_S
+        if not os.path.isdir(self.plugin_dir):
+            self.note_kubelet(
+                None, f"{self.kubelet_socket} does not exist (nor does its directory, yet)"
+            )
+            return
+        if not self.hold_lock():
+            return
+        kubelet = file_identity(self.kubelet_socket)
+        self.note_kubelet(kubelet, f"{self.kubelet_socket} does not exist")
+        for plugin in self.plugins:
+            plugin.reconcile_registration(kubelet)
+
+    def note_kubelet(self, kubelet: tuple[int, int, int] | None, why_absent: str) -> None:
+        """Log the kubelet coming and going once, not once per wake-up."""
+        if kubelet is None:
+            if not self.waiting_logged:
+                log.warning("waiting for the kubelet: %s", why_absent)
+                self.waiting_logged = True
+        elif self.kubelet is not None and kubelet != self.kubelet:
+            log.info("kubelet restarted: %s was re-created", self.kubelet_socket)
+        elif self.kubelet is None and self.waiting_logged:
+            log.info("kubelet appeared: %s", self.kubelet_socket)
+        if kubelet is not None:
+            self.waiting_logged = False
+        self.kubelet = kubelet if kubelet is not None else self.kubelet
+
+    def hold_lock(self) -> bool:
+        """Hold an exclusive flock on the plugin directory while we run.
+
+        Two instances on one directory would replace each other's sockets
+        silently (binding a unix socket path replaces what is there), and a
+        check whether a socket answers races when both start together.
+        """
+        identity = file_identity(self.plugin_dir)
+        if self.lock_fd >= 0 and identity == self.lock_identity:
+            return True
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # the directory was replaced: lock the new one
+            self.lock_fd = -1
+        fd = os.open(self.plugin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            log.error(
+                "another kvm-device-plugin is already serving %s (it holds the lock on the "
+                "directory); refusing to take over its sockets", self.plugin_dir,
+            )
+            self.exit_code = 1
+            self.stop_requested = True
+            return False
+        self.lock_fd, self.lock_identity = fd, identity
+        return True
+
+
+# ---------------------------------------------------------------------------
+# The command line
+#
+# The flag names are a contract with users, manifests and tests. Usage errors
+# are one line on stderr and exit code 2.
+# ---------------------------------------------------------------------------
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_COUNT}, got {text!r}")
+    return value
+
+
+def parse_devices(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in DEVICE_TABLE]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown device {', '.join(map(repr, unknown)) or repr(text)}; "
+            f"known: {', '.join(DEVICE_TABLE)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+
+
+def parse_domain(text: str) -> str:
+    # The kubelet rejects extended resource names whose domain is not a DNS
+    # subdomain or lies under kubernetes.io; say so before registering.
+    if (
+        len(text) > 253
+        or not re.fullmatch(rf"{DNS_LABEL}(\.{DNS_LABEL})*", text)
+        or text == "kubernetes.io"
+        or text.endswith(".kubernetes.io")
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a DNS subdomain outside kubernetes.io"
+        )
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="kvm_device_plugin.py",
+        description="Advertise /dev/kvm, /dev/net/tun and /dev/vhost-net to the kubelet.",
+    )
+    parser.add_argument("--count", type=parse_count, default=DEFAULT_COUNT,
+                        help=f"devices per resource (1 to {MAX_COUNT}; default {DEFAULT_COUNT})")
+    parser.add_argument("--devices", type=parse_devices, default=list(DEFAULT_DEVICES),
+                        help=f"comma-separated resources to serve (default {','.join(DEFAULT_DEVICES)};"
+                             f" known: {', '.join(DEVICE_TABLE)})")
+    parser.add_argument("--resource-domain", type=parse_domain, default=DEFAULT_RESOURCE_DOMAIN,
+                        help=f"resource name prefix (default {DEFAULT_RESOURCE_DOMAIN})")
+    parser.add_argument("--plugin-dir", default=DEFAULT_PLUGIN_DIR,
+                        help=f"the kubelet's device-plugins directory (default {DEFAULT_PLUGIN_DIR})")
+    parser.add_argument("--host-root", default="/",
+                        help="prefix under which device nodes are checked (default /)")
+    parser.add_argument("--permissions", choices=("auto", "rw", "rwm"), default="auto",
+                        help="cgroup permissions in each DeviceSpec; auto = rwm on cgroup v2, rw otherwise")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    parser.add_argument("--check", action="store_true",
+                        help="check the device nodes, print one line each, exit 0 if all are healthy")
+    return parser
+
+
+def resolve_permissions(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    # On a cgroup v2 host, older runc's eBPF device filter refuses access() on
+    # the node unless "m" (mknod) is granted too; KubeVirt uses rwm there.
+    return "rwm" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "rw"
+
+
+def run_check(devices: list[str], host_root: str) -> int:
+    misc = read_proc_misc()
+    all_healthy = True
+    for name in devices:
+        kind = DEVICE_TABLE[name]
+        verdict = NodeChecker(kind, host_root).check(misc)
+        all_healthy &= verdict.healthy
+        state = HEALTHY if verdict.healthy else UNHEALTHY
+        print(f"{name:<12} {kind.path:<18} {state:<10} {verdict.reason}")
+    return 0 if all_healthy else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.Formatter.converter = time.gmtime
+    host_root = os.path.abspath(args.host_root)
+    if args.check:
+        return run_check(args.devices, host_root)
+
+    plugin_dir = os.path.abspath(args.plugin_dir)
+    for name in [KUBELET_SOCKET] + [plugin_socket_name(d) for d in args.devices]:
+        path = os.path.join(plugin_dir, name)
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            parser.error(
+                f"socket path {path} is {len(os.fsencode(path))} bytes; "
+                f"a unix socket path is limited to {UNIX_PATH_MAX}"
+            )
+
+    permissions = resolve_permissions(args.permissions)
+
+    async def serve() -> int:
+        daemon: Daemon
+        plugins = [
+            DevicePlugin(
+                DEVICE_TABLE[name], f"{args.resource_domain}/{name}", args.count,
+                permissions, plugin_dir, host_root, lambda: daemon.wake(),
+            )
+            for name in args.devices
+        ]
+        daemon = Daemon(plugins, plugin_dir, host_root)
+        log.info(
+            "serving %s with %d devices each (permissions %s, host root %s, plugin dir %s)",
+            ", ".join(p.resource_name for p in plugins), args.count, permissions, host_root, plugin_dir,
+        )
+        return await daemon.run()
+
+    return asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

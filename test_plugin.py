@@ -1,0 +1,338 @@
+"""Tests: the real plugin, as a subprocess, against the kubelet stand-in.
+
+Every test makes its own device-plugins directory and host root under /tmp
+(short paths: a unix socket path is limited to 107 bytes) with real character
+device nodes made by mknod, starts the processes it needs and stops them. Each
+wait is bounded; no test asserts a speed (that is bench_plugin.py's job).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import pytest
+
+import deviceplugin_pb2 as pb
+import kvm_device_plugin as kdp
+from fake_kubelet import FakeKubelet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "kvm_device_plugin.py")
+DOMAIN = "devices.kubevirt.io"
+DEFAULT = ("kvm", "tun", "vhost-net")
+NODES = {"kvm": ("dev/kvm", 232), "tun": ("dev/net/tun", 200), "vhost-net": ("dev/vhost-net", 238)}
+WAIT_S = 10.0  # upper bound for anything that should take milliseconds
+
+
+def resource(name: str) -> str:
+    return f"{DOMAIN}/{name}"
+
+
+def misc_minors() -> set[int]:
+    with open("/proc/misc") as f:
+        return {int(line.split()[0]) for line in f if line.strip()}
+
+
+def expected_health(name: str) -> str:
+    """What a correct plugin says of a correct node on this machine's kernel."""
+    kind = kdp.DEVICE_TABLE[name]
+    return "Healthy" if kind.minor in misc_minors() else "Unhealthy"
+
+
+def mknod(path: str, minor: int, major: int = 10) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
+
+
+class Env:
+    """A device-plugins directory, a host root with device nodes, a kubelet."""
+
+    def __init__(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="kdp")
+        self.plugin_dir = os.path.join(self.root, "dp")
+        self.host = os.path.join(self.root, "host")
+        self.kubelet = FakeKubelet(self.plugin_dir)
+        self.plugins: list[PluginProcess] = []
+        for path, minor in NODES.values():
+            mknod(self.node(path), minor)
+
+    def node(self, relative: str) -> str:
+        return os.path.join(self.host, relative)
+
+    def start_plugin(self, *args: str, plugin_dir: str | None = None, prefix: list[str] | None = None,
+                     env: dict[str, str] | None = None) -> PluginProcess:
+        process = PluginProcess(
+            [*(prefix or []), sys.executable, SCRIPT, "--plugin-dir", plugin_dir or self.plugin_dir,
+             "--host-root", self.host, *args],
+            self.root, env,
+        )
+        self.plugins.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in self.plugins:
+            process.kill()
+        self.kubelet.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PluginProcess:
+    def __init__(self, argv: list[str], root: str, env: dict[str, str] | None) -> None:
+        fd, self.log_path = tempfile.mkstemp(prefix="log", dir=root)
+        self.proc = subprocess.Popen(
+            argv, stdout=fd, stderr=fd, cwd=HERE, env={**os.environ, **(env or {})},
+        )
+        os.close(fd)
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def wait_log(self, pattern: str, timeout: float = WAIT_S) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.log())
+            if match or time.monotonic() > deadline:
+                assert match, f"no {pattern!r} in log:\n{self.log()}"
+                return match
+            time.sleep(0.01)
+
+    def terminate(self, timeout: float = WAIT_S) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/task"))
+
+
+@pytest.fixture
+def env():
+    environment = Env()
+    yield environment
+    environment.close()
+
+
+@pytest.fixture
+def running(env):
+    """A registered plugin with --count 3 for the default devices."""
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "3")
+    assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 3), plugin.log()
+    env.plugin = plugin
+    return env
+
+
+def health_of(env: Env, name: str) -> set[str]:
+    return set(env.kubelet.state(resource(name)).devices.values())
+
+
+def wait_health(env: Env, name: str, health: str) -> bool:
+    state = env.kubelet.state(resource(name))
+    return env.kubelet.wait_for(
+        lambda: state.devices and set(state.devices.values()) == {health}, WAIT_S
+    )
+
+
+# ---------------------------------------------------------------------------
+# Registration, the device list, options
+# ---------------------------------------------------------------------------
+
+
+def test_registers_every_resource_with_deterministic_ids_and_true_health(env):
+    env.kubelet.start()
+    plugin = env.start_plugin()  # --count defaults to 110
+    names = [resource(n) for n in DEFAULT]
+    assert env.kubelet.wait_registered(names, 110), plugin.log()
+    for name in DEFAULT:
+        state = env.kubelet.state(resource(name))
+        assert sorted(state.devices) == sorted(f"{name}{i}" for i in range(110))
+        assert set(state.devices.values()) == {expected_health(name)}, plugin.log()
+        # kubelet 1.25+ reads GetDevicePluginOptions; both options off.
+        assert state.options_calls == 1
+        assert not state.options.pre_start_required
+        assert not state.options.get_preferred_allocation_available
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: registered with the kubelet after \d+ ms")
+
+
+def test_register_request_carries_the_same_options(env):
+    env.kubelet.legacy = True  # kubelets up to 1.24 read the options from RegisterRequest
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm")
+    assert env.kubelet.wait_registered([resource("kvm")], 2), plugin.log()
+    state = env.kubelet.state(resource("kvm"))
+    assert state.options_calls == 0
+    assert state.options == kdp.PLUGIN_OPTIONS
+
+
+def test_devices_flag_selects_resources_and_domain_is_used(env):
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "4", "--devices", "tun", "--resource-domain", "example.com")
+    assert env.kubelet.wait_registered(["example.com/tun"], 4), plugin.log()
+    assert set(env.kubelet.resources) == {"example.com/tun"}
+
+
+def test_preferred_allocation_and_prestart_answer_empty(running):
+    stub = running.kubelet.stub(resource("kvm"))
+    preferred = stub.GetPreferredAllocation(pb.PreferredAllocationRequest(
+        container_requests=[pb.ContainerPreferredAllocationRequest(available_deviceIDs=["kvm0"], allocation_size=1)]
+    ), timeout=5)
+    assert preferred == pb.PreferredAllocationResponse()
+    assert stub.PreStartContainer(pb.PreStartContainerRequest(devices_ids=["kvm0"]), timeout=5) == \
+        pb.PreStartContainerResponse()
+
+
+def test_waits_for_a_missing_kubelet_and_says_where(env):
+    plugin = env.start_plugin("--count", "2")
+    plugin.wait_log(re.escape(f"waiting for the kubelet: {env.plugin_dir}/kubelet.sock does not exist"
+                              " (nor does its directory, yet)"))
+    os.makedirs(env.plugin_dir)  # a wake-up, still no kubelet: nothing more to say
+    time.sleep(0.3)
+    assert plugin.log().count("waiting for the kubelet") == 1
+    env.kubelet.start()
+    assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 2), plugin.log()
+    plugin.wait_log(r"kubelet appeared")
+
+
+# ---------------------------------------------------------------------------
+# Health from real device nodes
+# ---------------------------------------------------------------------------
+
+
+def test_missing_node_is_unhealthy_with_reason(env):
+    os.unlink(env.node("dev/kvm"))
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm")
+    assert env.kubelet.wait_registered([resource("kvm")], 2), plugin.log()
+    assert health_of(env, "kvm") == {"Unhealthy"}
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: 2 devices Unhealthy: /dev/kvm is missing "
+                    r"\(load kernel module kvm_intel or kvm_amd\)")
+
+
+def test_wrong_device_number_is_unhealthy_with_expected_and_found(env):
+    os.unlink(env.node("dev/net/tun"))
+    mknod(env.node("dev/net/tun"), 201)
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "tun")
+    assert env.kubelet.wait_registered([resource("tun")], 2), plugin.log()
+    assert health_of(env, "tun") == {"Unhealthy"}
+    plugin.wait_log(r"/dev/net/tun has device number 10:201, expected 10:200")
+
+
+# ---------------------------------------------------------------------------
+# Allocate
+# ---------------------------------------------------------------------------
+
+
+def test_allocate_one_container_gets_the_node_path_not_the_host_root(running):
+    response = running.kubelet.allocate(resource("tun"), [["tun1"]])
+    assert len(response.container_responses) == 1
+    (spec,) = response.container_responses[0].devices
+    assert spec.host_path == spec.container_path == "/dev/net/tun"
+    assert spec.permissions == kdp.resolve_permissions("auto")
+    running.plugin.wait_log(r"devices\.kubevirt\.io/tun: allocated tun1")
+
+
+def test_allocate_several_containers_with_configured_permissions(env):
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "3", "--devices", "kvm", "--permissions", "rwm")
+    assert env.kubelet.wait_registered([resource("kvm")], 3), plugin.log()
+    response = env.kubelet.allocate(resource("kvm"), [["kvm0"], ["kvm1", "kvm2"], ["kvm2"]])
+    assert len(response.container_responses) == 3
+    for container in response.container_responses:
+        assert [(d.host_path, d.container_path, d.permissions) for d in container.devices] == \
+            [("/dev/kvm", "/dev/kvm", "rwm")]
+
+
+@pytest.mark.parametrize("containers, message", [
+    ([["kvm3"]], r"devices\.kubevirt\.io/kvm: unknown device ID 'kvm3'"),
+    ([["kvm01"]], r"unknown device ID 'kvm01'"),
+    ([["tun0"]], r"unknown device ID 'tun0'"),
+    ([["kvm0", ""]], r"unknown device ID ''"),
+    ([], r"devices\.kubevirt\.io/kvm: AllocateRequest has no container requests"),
+    ([["kvm0"], []], r"devices\.kubevirt\.io/kvm: container request 1 has no device IDs"),
+])
+def test_allocate_rejects_bad_requests(running, containers, message):
+    with pytest.raises(grpc.RpcError) as caught:
+        running.kubelet.allocate(resource("kvm"), containers)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(message, caught.value.details())
+    # The plugin keeps serving after bad input.
+    assert running.kubelet.allocate(resource("kvm"), [["kvm0"]]).container_responses
+
+
+def test_allocate_of_an_unhealthy_device_fails_admission_with_the_reason(running):
+    os.unlink(running.node("dev/kvm"))
+    assert wait_health(running, "kvm", "Unhealthy")
+    with pytest.raises(grpc.RpcError) as caught:
+        running.kubelet.allocate(resource("kvm"), [["kvm0"]])
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "devices.kubevirt.io/kvm: device unhealthy: /dev/kvm is missing" in caught.value.details()
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--count", "0"], r"--count: must be a whole number from 1 to 100000, got '0'"),
+    (["--count", "100001"], r"--count: must be a whole number from 1 to 100000"),
+    (["--count", "ten"], r"--count: must be a whole number from 1 to 100000, got 'ten'"),
+    (["--devices", "kvm,gpu"], r"--devices: unknown device 'gpu'; known: kvm, tun, vhost-net"),
+    (["--devices", ""], r"--devices: unknown device ''"),
+    (["--permissions", "rwx"], r"--permissions: invalid choice: 'rwx'"),
+    (["--resource-domain", "kubernetes.io"], r"not a DNS subdomain outside kubernetes.io"),
+    (["--resource-domain", "Bad_Domain"], r"not a DNS subdomain"),
+    (["--log-level", "loud"], r"--log-level: invalid choice"),
+    (["--bogus"], r"unrecognized arguments: --bogus"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, message):
+    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=WAIT_S)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_socket_path_too_long_is_a_clear_startup_error(env):
+    deep = os.path.join(env.root, "d" * 80)
+    result = subprocess.run([sys.executable, SCRIPT, "--plugin-dir", deep], capture_output=True,
+                            text=True, timeout=WAIT_S)
+    assert result.returncode == 2
+    assert re.search(rf"socket path {re.escape(deep)}/\S+ is \d+ bytes; a unix socket path is limited to 107",
+                     result.stderr), result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Shutdown
+# ---------------------------------------------------------------------------
+
+
+def test_sigterm_sends_empty_list_removes_sockets_and_exits_0(running):
+    sockets_before = set(os.listdir(running.plugin_dir))
+    assert {kdp.plugin_socket_name(n) for n in DEFAULT} <= sockets_before
+    assert running.plugin.terminate() == 0
+    for name in DEFAULT:
+        state = running.kubelet.state(resource(name))
+        # The last message was an empty list: the kubelet drops the devices.
+        assert running.kubelet.wait_for(lambda: state.capacity == 0 and not state.stream_open, WAIT_S)
+    assert os.listdir(running.plugin_dir) == ["kubelet.sock"]
+    running.plugin.wait_log(r"received SIGTERM: shutting down")
