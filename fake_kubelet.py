@@ -106,6 +106,8 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         self.legacy = legacy
         # Seconds Register sleeps before answering: a kubelet going away.
         self.register_delay_s = register_delay_s
+        self.release = threading.Event()  # set to end every such delay at once
+        self.register_calls = 0
         self.resources: dict[str, ResourceState] = {}
         self.rejections: list[str] = []
         self.cond = threading.Condition()
@@ -132,7 +134,11 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
             self.server = server
 
     def stop(self) -> None:
-        """The kubelet process ends: its socket goes, its plugin connections close."""
+        """The kubelet process ends: its socket goes, its plugin connections close.
+
+        A Register call held by register_delay_s stays held until `release`
+        is set: a kubelet going away may keep a plugin waiting that long.
+        """
         with self.cond:
             server, self.server = self.server, None
             endpoints = [r.endpoint for r in self.resources.values() if r.endpoint]
@@ -151,6 +157,9 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
         generation = self.generation
+        with self.cond:
+            self.register_calls += 1
+            self.cond.notify_all()
         error = None
         if request.version != "v1beta1":
             error = f"unsupported device plugin API version {request.version!r}"
@@ -164,7 +173,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
                 self.cond.notify_all()
             context.abort(grpc.StatusCode.UNKNOWN, error)
         if self.register_delay_s:
-            time.sleep(self.register_delay_s)
+            self.release.wait(self.register_delay_s)
         endpoint = Endpoint(
             request.resource_name, os.path.join(self.plugin_dir, request.endpoint), request.options
         )

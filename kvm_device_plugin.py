@@ -673,38 +673,44 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
     async def _register(self, kubelet: tuple[int, int, int]) -> None:
         delay = RETRY_FIRST_S
         last_error = ""
-        await self.restart_server()
-        while True:
-            try:
-                if not self.socket_intact():
-                    await self.restart_server()
-                await self._call_register()
-                break
-            except grpc.aio.AioRpcError as e:
-                error = f"{e.code().name}: {e.details()}"
-            except OSError as e:
-                error = f"{e.strerror}"
-            except RuntimeError as e:  # grpc cannot bind: directory gone
-                error = str(e)
-            if error != last_error:
-                log.warning(
-                    "%s: registration with %s failed (%s); retrying",
-                    self.resource_name, self.kubelet_socket, error,
-                )
-                last_error = error
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
-        self.registered_with = kubelet
-        took_ms = (time.monotonic() - (self.outage_started or time.monotonic())) * 1000
-        self.outage_started = None
-        again = "again " if self.ever_registered else ""
-        self.ever_registered = True
-        log.info(
-            "%s: registered %swith the kubelet after %.0f ms (%d devices %s)",
-            self.resource_name, again, took_ms, self.count,
-            HEALTHY if self.verdict.healthy else UNHEALTHY,
-        )
-        self.wake()  # the socket or kubelet may have changed while we worked
+        served = False
+        try:
+            while True:
+                if file_identity(self.kubelet_socket) != kubelet:
+                    # That kubelet is gone; the lifecycle loop starts afresh
+                    # for the one there now. Registering with it under the
+                    # old identity would only cost a second registration.
+                    return
+                try:
+                    if not served or not self.socket_intact():
+                        await self.restart_server()
+                        served = True
+                    await self._call_register()
+                    break
+                except grpc.aio.AioRpcError as e:
+                    error = f"{e.code().name}: {e.details()}"
+                except (OSError, RuntimeError) as e:  # cannot bind: directory gone
+                    error = str(e)
+                if error != last_error:
+                    log.warning(
+                        "%s: registration with %s failed (%s); retrying",
+                        self.resource_name, self.kubelet_socket, error,
+                    )
+                    last_error = error
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+            self.registered_with = kubelet
+            took_ms = (time.monotonic() - (self.outage_started or time.monotonic())) * 1000
+            self.outage_started = None
+            again = "again " if self.ever_registered else ""
+            self.ever_registered = True
+            log.info(
+                "%s: registered %swith the kubelet after %.0f ms (%d devices %s)",
+                self.resource_name, again, took_ms, self.count,
+                HEALTHY if self.verdict.healthy else UNHEALTHY,
+            )
+        finally:
+            self.wake()  # the socket or the kubelet may have changed meanwhile
 
     async def _call_register(self) -> None:
         # A channel of its own: channels to one address otherwise share one

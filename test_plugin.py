@@ -140,6 +140,15 @@ def running(env):
     return env
 
 
+def settles(condition, timeout: float = WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def health_of(env: Env, name: str) -> set[str]:
     return set(env.kubelet.state(resource(name)).devices.values())
 
@@ -336,3 +345,150 @@ def test_sigterm_sends_empty_list_removes_sockets_and_exits_0(running):
         assert running.kubelet.wait_for(lambda: state.capacity == 0 and not state.stream_open, WAIT_S)
     assert os.listdir(running.plugin_dir) == ["kubelet.sock"]
     running.plugin.wait_log(r"received SIGTERM: shutting down")
+
+
+# ---------------------------------------------------------------------------
+# Staying registered: kubelet restarts, ended streams, crashes, second instances
+# ---------------------------------------------------------------------------
+
+
+def test_restarts_reregister_once_each_without_leaking(running):
+    names = [resource(n) for n in DEFAULT]
+    kubelet, plugin = running.kubelet, running.plugin
+    for restart in range(1, 6):  # warm-up: the first restarts load code paths
+        kubelet.restart()
+        assert kubelet.wait_registered(names, 3, min_registrations=1 + restart), plugin.log()
+    time.sleep(0.2)  # let old streams and channels finish closing
+    fds, threads = plugin.fds(), plugin.threads()
+    for restart in range(6, 106):
+        kubelet.restart()
+        assert kubelet.wait_registered(names, 3, min_registrations=1 + restart), plugin.log()
+    # Flat means no growth with the number of restarts. gRPC's event engine
+    # grows its pool under load and may keep one spare thread a while.
+    assert settles(lambda: plugin.fds() <= fds and plugin.threads() <= threads + 1), \
+        (plugin.fds(), fds, plugin.threads(), threads)
+    for name in names:
+        # One registration per kubelet: the plugin's own socket deletions do
+        # not send it round again.
+        assert kubelet.state(name).registrations == 106
+    assert len(re.findall(r"kubelet restarted", plugin.log())) == 105
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: registered again with the kubelet after \d+ ms")
+
+
+def test_reregisters_when_the_kubelet_ends_the_stream(running):
+    state = running.kubelet.state(resource("tun"))
+    running.kubelet.end_stream(resource("tun"))
+    assert running.kubelet.wait_for(lambda: state.registrations == 2 and state.stream_open, WAIT_S)
+    assert wait_health(running, "tun", expected_health("tun"))
+    running.plugin.wait_log(r"devices\.kubevirt\.io/tun: registering again: kubelet ended the ListAndWatch stream")
+    assert running.kubelet.state(resource("kvm")).registrations == 1
+
+
+def test_reregisters_when_its_socket_is_deleted(running):
+    state = running.kubelet.state(resource("kvm"))
+    os.unlink(os.path.join(running.plugin_dir, kdp.plugin_socket_name("kvm")))
+    assert running.kubelet.wait_for(lambda: state.registrations == 2 and state.stream_open, WAIT_S)
+    running.plugin.wait_log(r"devices\.kubevirt\.io/kvm: registering again: plugin socket was deleted")
+
+
+def test_crashed_kubelet_refusing_connections_is_retried_and_logged_once(running):
+    names = [resource(n) for n in DEFAULT]
+    running.kubelet.stop()
+    # What a killed kubelet leaves behind: a socket file nobody listens on.
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(running.kubelet.socket_path)
+    dead.close()
+    # The kubelet's stop ended the streams: the plugin tries to register again.
+    running.plugin.wait_log(r"devices\.kubevirt\.io/kvm: registration with \S+ failed \(UNAVAILABLE")
+    time.sleep(1.5)  # several retries, with growing backoff
+    assert len(re.findall(r"devices\.kubevirt\.io/kvm: registration with", running.plugin.log())) == 1
+    running.kubelet.start()  # deletes the dead socket, serves a new one
+    assert running.kubelet.wait_registered(names, 3, min_registrations=2), running.plugin.log()
+
+
+def test_register_stuck_on_a_departing_kubelet_is_abandoned_for_the_new_one(env):
+    departing = FakeKubelet(env.plugin_dir, register_delay_s=60)
+    departing.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm")
+    try:
+        assert departing.wait_for(lambda: departing.register_calls >= 1, WAIT_S)
+        departing.stop()
+        env.kubelet.start()
+        # Well before the departing kubelet's 60 s would have run out.
+        assert env.kubelet.wait_registered([resource("kvm")], 2), plugin.log()
+    finally:
+        departing.release.set()
+
+
+def test_late_kubelet_is_registered_when_it_appears(env):
+    os.makedirs(env.plugin_dir)
+    plugin = env.start_plugin("--count", "2")
+    plugin.wait_log(r"waiting for the kubelet")
+    time.sleep(1.2)  # past the first retries: no timer is involved any more
+    env.kubelet.start()
+    assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 2), plugin.log()
+    plugin.wait_log(r"kubelet appeared")
+
+
+def test_stale_sockets_of_a_killed_run_are_replaced(running):
+    running.plugin.proc.kill()
+    running.plugin.proc.wait()
+    assert kdp.plugin_socket_name("kvm") in os.listdir(running.plugin_dir)  # left behind
+    second = running.start_plugin("--count", "3")
+    assert running.kubelet.wait_registered([resource(n) for n in DEFAULT], 3, min_registrations=2), second.log()
+    assert running.kubelet.allocate(resource("kvm"), [["kvm0"]]).container_responses
+    assert second.proc.poll() is None
+
+
+def test_second_instance_refuses_and_the_first_keeps_serving(running):
+    socket_path = os.path.join(running.plugin_dir, kdp.plugin_socket_name("kvm"))
+    before = kdp.file_identity(socket_path)
+    second = running.start_plugin("--count", "3")
+    assert second.proc.wait(WAIT_S) == 1
+    assert re.search(rf"another kvm-device-plugin is already serving {re.escape(running.plugin_dir)}",
+                     second.log()), second.log()
+    assert kdp.file_identity(socket_path) == before
+    assert running.kubelet.state(resource("kvm")).registrations == 1
+    assert running.kubelet.allocate(resource("kvm"), [["kvm2"]]).container_responses
+
+
+def test_sigterm_while_register_hangs_exits_0(env):
+    kubelet = FakeKubelet(env.plugin_dir, register_delay_s=60)
+    env.kubelet = kubelet
+    kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm")
+    try:
+        assert kubelet.wait_for(lambda: kubelet.register_calls >= 1, WAIT_S)
+        assert plugin.terminate() == 0
+        assert os.listdir(env.plugin_dir) == ["kubelet.sock"]
+    finally:
+        kubelet.release.set()
+
+
+def test_sigterm_in_the_middle_of_a_kubelet_restart_exits_0(running):
+    running.kubelet.stop()
+    assert running.plugin.terminate() == 0
+    assert os.listdir(running.plugin_dir) == []
+    running.plugin.wait_log(r"stopped")
+
+
+def in_user_namespace(limit: str, value: int) -> list[str]:
+    """Run the plugin where a per-user inotify limit is `value` (a user namespace's own)."""
+    return ["unshare", "--user", "--map-root-user", "sh", "-c",
+            f'echo {value} > /proc/sys/user/{limit} && exec "$@"', "sh"]
+
+
+@pytest.mark.parametrize("limit, message", [
+    ("max_inotify_instances", r"inotify is unavailable \(.+\): polling every 1 s instead"),
+    ("max_inotify_watches", r"out of inotify watches \(fs\.inotify\.max_user_watches\): polling every 1 s"),
+])
+def test_without_inotify_it_polls_and_says_so_once(env, limit, message):
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm", prefix=in_user_namespace(limit, 0))
+    names = [resource("kvm")]
+    assert env.kubelet.wait_registered(names, 2), plugin.log()
+    env.kubelet.restart()
+    assert env.kubelet.wait_registered(names, 2, min_registrations=2), plugin.log()
+    os.unlink(env.node("dev/kvm"))
+    assert wait_health(env, "kvm", "Unhealthy")
+    assert len(re.findall(message, plugin.log())) == 1, plugin.log()
