@@ -81,6 +81,7 @@ class ResourceState:
     def __init__(self) -> None:
         self.devices: dict[str, str] = {}  # ID -> health, from the last message
         self.messages = 0
+        self.messages_since_registration = 0
         self.last_message_at = 0.0  # time.monotonic() of the last message
         self.registrations = 0
         self.registered_at = 0.0
@@ -195,6 +196,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
             old, state.endpoint = state.endpoint, endpoint
             state.options = endpoint.options
             state.registrations += 1
+            state.messages_since_registration = 0
             state.registered_at = time.monotonic()
             self.cond.notify_all()
         if old is not None:
@@ -219,6 +221,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
                         break
                     state.devices = {d.ID: d.health for d in message.devices}
                     state.messages += 1
+                    state.messages_since_registration += 1
                     state.last_message_at = time.monotonic()
                     self.cond.notify_all()
         except grpc.RpcError:
@@ -245,12 +248,14 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
 
     def wait_registered(self, resources: list[str], count: int, timeout: float = 10.0,
                         min_registrations: int = 1) -> bool:
-        """Every resource registered, its stream open and `count` devices listed."""
+        """Every resource registered, its stream open and `count` devices listed
+        by a message of the latest registration."""
         def ready() -> bool:
             for name in resources:
                 state = self.resources.get(name)
                 if (state is None or state.registrations < min_registrations
-                        or not state.stream_open or state.capacity != count):
+                        or not state.stream_open or not state.messages_since_registration
+                        or state.capacity != count):
                     return False
             return True
         return self.wait_for(ready, timeout)

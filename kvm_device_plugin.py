@@ -471,7 +471,9 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             ]
         )
         self.verdict = Verdict(False, "not checked yet")
-        self._message = self._device_list(UNHEALTHY)
+        # Built on first use and kept: with --count 100000 building a list
+        # takes a few hundred milliseconds, and health flaps back and forth.
+        self._lists: dict[str, pb.ListAndWatchResponse] = {}
 
         self.server: grpc.aio.Server | None = None
         self.generation = 0  # bumped for every fresh server
@@ -488,13 +490,21 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
 
     # -- health ---------------------------------------------------------------
 
-    def _device_list(self, health: str) -> pb.ListAndWatchResponse:
-        # IDs are deterministic (kvm0 ... kvm109): the kubelet checkpoints
-        # allocations by ID and must find them again after a plugin restart.
-        # Topology stays unset: these devices have no NUMA affinity.
-        return pb.ListAndWatchResponse(
-            devices=[pb.Device(ID=f"{self.kind.name}{i}", health=health) for i in range(self.count)]
-        )
+    def device_list(self) -> pb.ListAndWatchResponse:
+        """The full list, every device with the resource's one health.
+
+        All devices of a resource share one node, so they are healthy or not
+        together. IDs are deterministic (kvm0 ... kvm109): the kubelet
+        checkpoints allocations by ID and must find them again after a plugin
+        restart. Topology stays unset: these devices have no NUMA affinity, and
+        a NUMA hint could make a single-numa-node policy reject pods.
+        """
+        health = HEALTHY if self.verdict.healthy else UNHEALTHY
+        if health not in self._lists:
+            self._lists[health] = pb.ListAndWatchResponse(
+                devices=[pb.Device(ID=f"{self.kind.name}{i}", health=health) for i in range(self.count)]
+            )
+        return self._lists[health]
 
     def refresh_health(self, misc: dict[str, int] | None) -> None:
         verdict = self.checker.check(misc)
@@ -502,7 +512,6 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             return
         was_checked = self.verdict.reason != "not checked yet"
         self.verdict = verdict
-        self._message = self._device_list(HEALTHY if verdict.healthy else UNHEALTHY)
         state = HEALTHY if verdict.healthy else UNHEALTHY
         level = logging.INFO if verdict.healthy or not was_checked else logging.WARNING
         log.log(level, "%s: %d devices %s: %s", self.resource_name, self.count, state, verdict.reason)
@@ -528,7 +537,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         log.debug("%s: kubelet opened ListAndWatch", self.resource_name)
         try:
             while not self.stopping:
-                yield self._message
+                yield self.device_list()
                 await changed.wait()
                 changed.clear()
             # An empty list makes the kubelet drop the devices at once instead
@@ -820,7 +829,7 @@ class Daemon:
         """Log the kubelet coming and going once, not once per wake-up."""
         if kubelet is None:
             if not self.waiting_logged:
-                log.warning("waiting for the kubelet: %s", why_absent)
+                log.info("waiting for the kubelet: %s", why_absent)
                 self.waiting_logged = True
         elif self.kubelet is not None and kubelet != self.kubelet:
             log.info("kubelet restarted: %s was re-created", self.kubelet_socket)

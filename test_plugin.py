@@ -492,3 +492,143 @@ def test_without_inotify_it_polls_and_says_so_once(env, limit, message):
     os.unlink(env.node("dev/kvm"))
     assert wait_health(env, "kvm", "Unhealthy")
     assert len(re.findall(message, plugin.log())) == 1, plugin.log()
+
+
+# ---------------------------------------------------------------------------
+# Device health: every change seen at once, every verdict explained
+# ---------------------------------------------------------------------------
+
+
+def replace_with_file(path: str) -> None:
+    os.unlink(path)
+    with open(path, "w") as f:
+        f.write("not a device\n")
+
+
+def replace_with_null(path: str) -> None:
+    os.unlink(path)
+    mknod(path, 3, major=1)  # /dev/null's number
+
+
+def rename_away(path: str) -> None:
+    os.rename(path, path + ".moved")
+
+
+@pytest.mark.parametrize("break_node, reason", [
+    (os.unlink, r"/dev/kvm is missing \(load kernel module kvm_intel or kvm_amd\)"),
+    (rename_away, r"/dev/kvm is missing"),
+    (replace_with_file, r"/dev/kvm is a regular file, not a character device"),
+    (replace_with_null, r"/dev/kvm has device number 1:3, expected 10:232"),
+])
+def test_a_changed_node_changes_health_both_ways(running, break_node, reason):
+    node = running.node("dev/kvm")
+    assert wait_health(running, "kvm", "Healthy")
+    break_node(node)
+    assert wait_health(running, "kvm", "Unhealthy")
+    running.plugin.wait_log(r"WARNING devices\.kubevirt\.io/kvm: 3 devices Unhealthy: " + reason)
+    if os.path.lexists(node):
+        os.unlink(node)
+    if os.path.exists(node + ".moved"):
+        os.rename(node + ".moved", node)
+    else:
+        mknod(node, 232)
+    assert wait_health(running, "kvm", "Healthy")
+    assert running.kubelet.state(resource("kvm")).registrations == 1  # no re-registration needed
+    assert len(re.findall(r"devices\.kubevirt\.io/kvm: 3 devices Healthy", running.plugin.log())) == 2
+
+
+def test_a_parent_directory_that_appears_later_is_watched_for(env):
+    shutil.rmtree(env.node("dev/net"))
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "tun")
+    assert env.kubelet.wait_registered([resource("tun")], 2), plugin.log()
+    assert health_of(env, "tun") == {"Unhealthy"}
+    plugin.wait_log(r"/dev/net/tun is missing \(load kernel module tun\)")
+    mknod(env.node("dev/net/tun"), 200)  # makes dev/net, then the node
+    assert wait_health(env, "tun", expected_health("tun"))
+
+
+def test_driver_missing_from_proc_misc_is_unhealthy_with_the_module_to_load(running):
+    if 238 in misc_minors():
+        assert health_of(running, "vhost-net") == {"Healthy"}
+        return
+    # This machine's kernel has no vhost_net: the node is there, its driver is not.
+    assert health_of(running, "vhost-net") == {"Unhealthy"}
+    running.plugin.wait_log(r"devices\.kubevirt\.io/vhost-net: 3 devices Unhealthy: driver not loaded: "
+                            r"opening /dev/vhost-net gave (ENODEV|ENXIO) \(load kernel module vhost_net\)")
+
+
+def run_check(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, SCRIPT, "--check", *args], capture_output=True,
+                          text=True, timeout=WAIT_S)
+
+
+def on_nodev_mount(directory: str) -> tuple[str, ...]:
+    """Run a command where `directory` is mounted nodev: opening a node gives EACCES."""
+    return ("unshare", "--mount", "sh", "-c",
+            f'mount --bind {directory} {directory} && mount -o remount,bind,nodev {directory} {directory}'
+            ' && exec "$@"', "sh")
+
+
+def test_check_prints_a_verdict_per_device_and_exits_by_health(env):
+    result = run_check("--host-root", env.host)
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == list(DEFAULT)
+    for name, line in zip(DEFAULT, lines):
+        assert line.split()[2] == expected_health(name), result.stdout
+    assert result.returncode == (0 if all(expected_health(n) == "Healthy" for n in DEFAULT) else 1)
+    assert "KVM API version 12" in lines[0]
+
+    os.unlink(env.node("dev/kvm"))
+    result = run_check("--host-root", env.host, "--devices", "kvm")
+    assert result.returncode == 1
+    assert re.fullmatch(r"kvm +/dev/kvm +Unhealthy +/dev/kvm is missing \(load kernel module kvm_intel or kvm_amd\)",
+                        result.stdout.strip())
+
+
+def test_check_all_healthy_exits_0(env):
+    healthy = [n for n in DEFAULT if expected_health(n) == "Healthy"]
+    assert healthy, "this machine's kernel has none of kvm, tun, vhost-net"
+    result = run_check("--host-root", env.host, "--devices", ",".join(healthy))
+    assert result.returncode == 0, result.stdout
+
+
+def test_check_when_the_device_cgroup_refuses_open_uses_stat_and_proc_misc(env):
+    # A nodev mount refuses open() with EACCES, as a pod's device cgroup does
+    # with EPERM: the verdict rests on the node's number and /proc/misc.
+    result = run_check("--host-root", env.host, prefix=on_nodev_mount(env.host))
+    lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    if 232 in misc_minors():
+        assert re.search(r"Healthy +node 10:232 present, driver loaded", lines["kvm"])
+    if 238 not in misc_minors():
+        assert re.search(r"Unhealthy +driver not loaded: minor 238 not in /proc/misc \(load kernel module vhost_net\)",
+                         lines["vhost-net"])
+    assert re.search(r"cannot open /dev/kvm \(EACCES: Permission denied\): checking its device number "
+                     r"and /proc/misc only", result.stderr)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="this machine has no /dev/kvm")
+def test_check_asks_the_real_dev_kvm_for_its_api_version():
+    result = run_check("--devices", "kvm")
+    assert result.returncode == 0, result.stdout
+    assert re.fullmatch(r"kvm +/dev/kvm +Healthy +KVM API version 12", result.stdout.strip())
+
+
+def test_a_failing_open_is_not_retried_until_the_node_changes(env, monkeypatch):
+    opens = []
+    real_open = os.open
+
+    def counting_open(path, *args, **kwargs):
+        opens.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    checker = kdp.NodeChecker(kdp.DEVICE_TABLE["vhost-net"], env.host)
+    misc = kdp.read_proc_misc()
+    verdicts = {checker.check(misc) for _ in range(5)}
+    assert len(opens) == 1 and len(verdicts) == 1
+    os.unlink(env.node("dev/vhost-net"))
+    mknod(env.node("dev/vhost-net"), 238)  # a new node: worth one more try
+    checker.check(misc)
+    checker.check(misc)
+    assert len(opens) == 2

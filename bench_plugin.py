@@ -1,0 +1,367 @@
+#!/usr/bin/env python3
+"""Benchmark: the real plugin, as a subprocess, against the kubelet stand-in.
+
+Each scenario gets a fresh tempfile.mkdtemp(prefix="kdpb") under /tmp (short
+socket paths) with a device-plugins directory and a host root holding real
+nodes made by mknod (kvm 10:232, net/tun 10:200, vhost-net 10:238 under dev/).
+fake_kubelet.FakeKubelet runs in this process, ``kvm_device_plugin.py
+--plugin-dir D --host-root H ...`` in a child.
+
+"Full list" means, for every resource: a registration and a stream message
+newer than the baseline, the stream open, `count` devices. Its time is the
+stand-in's ResourceState.last_message_at (stamped by its reader thread), not
+when this script's waiting thread wakes up. Figures (ms unless named otherwise):
+
+startup_ms        just before Popen -> full list of every resource (--count 110,
+                  kvm,tun,vhost-net): interpreter start and grpc import included.
+                  startup_10000_ms: the same with --count 10000.
+reregister_ms_*   FakeKubelet.stop(), then t0 just before FakeKubelet.start()
+                  (deletes every socket in the directory, serves a new
+                  kubelet.sock) -> full list from the new registrations. Median
+                  and max over the first 50 restarts of the series (quick: 30).
+health_*          t0 just before os.unlink of the kvm node -> an all-Unhealthy
+                  list (health_unhealthy_ms_median); t0 just before mknod ->
+                  all-Healthy (health_healthy_ms_median). health_ms_median is the
+                  slower median, health_ms_max the slowest flip. 30 pairs (quick:
+                  10), 0.1 s apart.
+allocate_*        Allocate round trip on the stand-in's channel (its stub), one
+                  container with one ID: 2000 sequential calls (p50, p99), then
+                  2000 over 16 threads (concurrent p50, p99). allocate_errors:
+                  failed calls in both runs.
+rss_mb_idle*      VmRSS after registration and 1.5 s idle: --count 110; then
+                  --count 10000 and the list_100000_ms process, each separate.
+idle_cpu_percent  on-CPU time of the registered, idle plugin, summed over
+                  /proc/PID/task/*/schedstat (first field), over 20 s (quick: 5),
+                  in percent of one core. Threads ending mid-window are missed.
+list_100000_ms    just before Popen -> full list, --count 100000 --devices kvm.
+rss_growth_mb_100_restarts  VmRSS after the restart series minus before it (1 s
+                  idle first); 100 restarts (quick: 30, same key). fds_/threads_
+                  before/after: entries in /proc/PID/fd and /task at those times.
+                  registrations_per_restart: Register calls per resource (1 = ok).
+
+Nothing is asserted: a table, then as the last line one JSON object. Every
+process and directory made is removed even on error; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402
+
+import deviceplugin_pb2 as pb  # noqa: E402
+from fake_kubelet import FakeKubelet  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "kvm_device_plugin.py")
+DOMAIN = "devices.kubevirt.io"
+DEFAULT = ("kvm", "tun", "vhost-net")
+NODES = {"kvm": ("dev/kvm", 232), "tun": ("dev/net/tun", 200), "vhost-net": ("dev/vhost-net", 238)}
+WAIT_S = 10.0  # bound for anything that should take milliseconds
+SETTLE_S = 1.5  # idle time before an RSS reading
+ALLOCATIONS = 2000
+CALLERS = 16
+FULL = {"health_reps": 30, "restarts": 100, "timed_restarts": 50, "idle_cpu_s": 20.0}
+QUICK = {"health_reps": 10, "restarts": 30, "timed_restarts": 30, "idle_cpu_s": 5.0}
+
+
+def resource(name: str) -> str:
+    return f"{DOMAIN}/{name}"
+
+
+def mknod(path: str, minor: int) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(10, minor))
+
+
+class Rig:
+    """A temporary directory with device nodes, the stand-in and one plugin process."""
+
+    def __init__(self, count: int, devices: tuple[str, ...] = DEFAULT) -> None:
+        self.count, self.devices = count, devices
+        self.names = [resource(d) for d in devices]
+        self.root = tempfile.mkdtemp(prefix="kdpb", dir="/tmp")
+        self.plugin_dir = os.path.join(self.root, "dp")
+        self.host = os.path.join(self.root, "host")
+        self.log_path = os.path.join(self.root, "plugin.log")
+        self.kubelet = FakeKubelet(self.plugin_dir)
+        self.proc: subprocess.Popen | None = None
+        self.pid = 0
+
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def node(self, name: str) -> str:
+        return os.path.join(self.host, NODES[name][0])
+
+    def start(self, timeout: float = WAIT_S) -> float:
+        """Start the stand-in and the plugin; ms from just before Popen to the full lists."""
+        for name in NODES:
+            mknod(self.node(name), NODES[name][1])
+        self.kubelet.start()
+        argv = [sys.executable, SCRIPT, "--plugin-dir", self.plugin_dir, "--host-root", self.host,
+                "--count", str(self.count), "--devices", ",".join(self.devices)]
+        with open(self.log_path, "wb") as log:
+            t0 = time.monotonic()
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
+        self.pid = self.proc.pid
+        return (self.wait_lists({}, timeout) - t0) * 1000
+
+    def baseline(self) -> dict[str, tuple[int, int]]:
+        with self.kubelet.cond:
+            return {n: (s.registrations, s.messages) for n, s in self.kubelet.resources.items()}
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait on the stand-in's condition; fail clearly if the plugin dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not self.kubelet.wait_for(predicate, min(0.5, max(0.0, deadline - time.monotonic()))):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"plugin exited ({self.proc.returncode}) while waiting for "
+                                   f"{what}; its log:\n{self.log_tail()}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no {what} within {timeout:.0f} s; plugin log:\n{self.log_tail()}")
+
+    def wait_lists(self, base: dict[str, tuple[int, int]], timeout: float = WAIT_S) -> float:
+        """Wait for every resource's full list on a registration newer than `base`.
+
+        FakeKubelet.wait_registered(min_registrations=...) is not enough after a
+        restart: the stand-in keeps the old device dict (marked Unhealthy), so its
+        capacity check passes before the new stream has sent anything.
+        Returns the stand-in's monotonic time of the last of those messages.
+        """
+        def ready() -> bool:
+            for name in self.names:
+                state = self.kubelet.resources.get(name)
+                regs, msgs = base.get(name, (0, 0))
+                if (state is None or state.registrations <= regs or not state.stream_open
+                        or state.messages <= msgs or state.capacity != self.count):
+                    return False
+            return True
+        self.wait_until(ready, timeout, f"full list of {self.count} devices for {self.names}")
+        with self.kubelet.cond:
+            return max(self.kubelet.resources[n].last_message_at for n in self.names)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        try:
+            self.kubelet.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+# -- /proc readings ------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb / 1024
+
+
+def cpu_ns(pid: int) -> int:
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread ended between listdir and open
+    return total
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]  # nearest rank
+
+
+# -- measurements ----------------------------------------------------------------------
+
+
+def idle_cpu_percent(pid: int, seconds: float) -> float:
+    start_ns, start = cpu_ns(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_ns(pid) - start_ns) / ((time.monotonic() - start) * 1e9) * 100
+
+
+def allocate_latencies(rig: Rig, callers: int) -> tuple[list[float], int]:
+    """ALLOCATIONS Allocate round trips in ms over `callers` threads, and the error count."""
+    stub = rig.kubelet.stub(resource("kvm"))
+    requests = [pb.AllocateRequest(container_requests=[
+        pb.ContainerAllocateRequest(devices_ids=[f"kvm{i % rig.count}"])]) for i in range(ALLOCATIONS)]
+
+    def caller(first: int) -> tuple[list[float], int]:
+        took, errors = [], 0
+        for request in requests[first::callers]:
+            t0 = time.perf_counter()
+            try:
+                stub.Allocate(request, timeout=WAIT_S)
+            except grpc.RpcError:
+                errors += 1
+            took.append((time.perf_counter() - t0) * 1000)
+        return took, errors
+
+    with ThreadPoolExecutor(max_workers=callers) as pool:
+        results = list(pool.map(caller, range(callers)))
+    return [ms for took, _ in results for ms in took], sum(errors for _, errors in results)
+
+
+def health_latencies(rig: Rig, reps: int) -> tuple[list[float], list[float]]:
+    """ms from unlink to an all-Unhealthy list, and from mknod to all-Healthy."""
+    kvm, (path, minor) = resource("kvm"), (rig.node("kvm"), NODES["kvm"][1])
+    state = rig.kubelet.state(kvm)
+
+    def flip(action: Callable[[], None], health: str) -> float:
+        base = state.messages
+        t0 = time.monotonic()
+        action()
+        rig.wait_until(lambda: state.messages > base and set(state.devices.values()) == {health},
+                       WAIT_S, f"kvm devices {health}")
+        return (state.last_message_at - t0) * 1000
+
+    if set(state.devices.values()) != {"Healthy"}:
+        raise RuntimeError(f"kvm is not Healthy to begin with:\n{rig.log_tail()}")
+    down, up = [], []
+    for _ in range(reps):
+        down.append(flip(lambda: os.unlink(path), "Unhealthy"))
+        time.sleep(0.1)
+        up.append(flip(lambda: mknod(path, minor), "Healthy"))
+        time.sleep(0.1)
+    return down, up
+
+
+def restart_series(rig: Rig, restarts: int) -> tuple[list[float], float]:
+    """Restart the stand-in `restarts` times; ms per re-registration, and Register calls per restart."""
+    regs_before = rig.baseline()
+    took = []
+    for _ in range(restarts):
+        base = rig.baseline()
+        rig.kubelet.stop()
+        t0 = time.monotonic()
+        rig.kubelet.start()
+        took.append((rig.wait_lists(base) - t0) * 1000)
+    regs_after = rig.baseline()
+    per_restart = statistics.mean(regs_after[n][0] - regs_before[n][0] for n in rig.names) / restarts
+    return took, per_restart
+
+
+def process_facts(pid: int) -> tuple[float, int, int]:
+    """RSS, open fds and threads after 1 s idle."""
+    time.sleep(1.0)
+    return rss_mb(pid), len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def bench_default(plan: dict[str, float], r: dict[str, float]) -> None:
+    """Every figure for --count 110 and the default devices, on one plugin process."""
+    with Rig(110) as rig:
+        r["startup_ms"] = rig.start()
+        time.sleep(SETTLE_S)
+        r["rss_mb_idle"] = rss_mb(rig.pid)
+        r["idle_cpu_percent"] = idle_cpu_percent(rig.pid, plan["idle_cpu_s"])
+        sequential, errors_seq = allocate_latencies(rig, 1)
+        concurrent, errors_conc = allocate_latencies(rig, CALLERS)
+        r["allocate_p50_ms"], r["allocate_p99_ms"] = percentile(sequential, 50), percentile(sequential, 99)
+        r["allocate_concurrent_p50_ms"] = percentile(concurrent, 50)
+        r["allocate_concurrent_p99_ms"] = percentile(concurrent, 99)
+        r["allocate_errors"] = errors_seq + errors_conc
+        down, up = health_latencies(rig, plan["health_reps"])
+        r["health_unhealthy_ms_median"], r["health_healthy_ms_median"] = statistics.median(down), statistics.median(up)
+        r["health_ms_median"] = max(r["health_unhealthy_ms_median"], r["health_healthy_ms_median"])
+        r["health_ms_max"] = max(down + up)
+        rss_before, r["fds_before"], r["threads_before"] = process_facts(rig.pid)
+        took, r["registrations_per_restart"] = restart_series(rig, plan["restarts"])
+        rss_after, r["fds_after"], r["threads_after"] = process_facts(rig.pid)
+        timed = took[:plan["timed_restarts"]]
+        r["reregister_ms_median"], r["reregister_ms_max"] = statistics.median(timed), max(timed)
+        r["rss_growth_mb_100_restarts"] = rss_after - rss_before
+
+
+def bench_large(r: dict[str, float]) -> None:
+    """Startup and memory with --count 10000 and 100000, each in a fresh process and directory."""
+    with Rig(10_000) as rig:
+        r["startup_10000_ms"] = rig.start(timeout=60)
+        time.sleep(SETTLE_S)
+        r["rss_mb_idle_10000"] = rss_mb(rig.pid)
+    with Rig(100_000, ("kvm",)) as rig:
+        r["list_100000_ms"] = rig.start(timeout=180)
+        time.sleep(SETTLE_S)
+        r["rss_mb_idle_100000"] = rss_mb(rig.pid)
+
+
+def run(quick: bool) -> dict[str, float]:
+    results: dict[str, float] = {}
+    bench_default(QUICK if quick else FULL, results)
+    bench_large(results)
+    return {k: round(v, 3) for k, v in results.items()}
+
+
+def machine_facts() -> list[tuple[str, str]]:
+    return [
+        ("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
+        ("nproc", f"{len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()})"),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("grpcio", grpc.__version__),
+        ("kernel", platform.release()),
+        ("loadavg", "%.2f %.2f %.2f (at start; other load skews every figure)" % os.getloadavg()),
+    ]
+
+
+def print_table(facts: list[tuple[str, str]], results: dict[str, float], quick: bool) -> None:
+    print(f"kvm-device-plugin benchmark ({'quick' if quick else 'full'})")
+    for name, value in facts:
+        print(f"  {name:<8} {value}")
+    print()
+    width = max(map(len, results))
+    for key, value in results.items():
+        print(f"  {key:<{width}}  {value:>12,}" if isinstance(value, int) else f"  {key:<{width}}  {value:>12,.3f}")
+    print()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repetitions and a shorter idle window (same keys)")
+    args = parser.parse_args()
+    # SIGTERM would otherwise skip the finally blocks that remove processes and dirs.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    facts = machine_facts()
+    results = run(args.quick)
+    print_table(facts, results, args.quick)
+    print(json.dumps(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
