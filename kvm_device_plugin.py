@@ -45,6 +45,7 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
@@ -486,7 +487,9 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         self.registration: asyncio.Task | None = None
         self.registration_target: tuple[int, int, int] | None = None
         self.outage_started: float | None = time.monotonic()
-        self.ever_registered = False
+        self.registrations = 0  # successful Register calls, for the metrics
+        self.allocations = 0  # containers given the device
+        self.allocation_errors = 0
 
     # -- health ---------------------------------------------------------------
 
@@ -563,36 +566,37 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         error here rejects the pod with our message in its status, so the
         message names the resource and what is wrong.
         """
-        if not request.container_requests:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{self.resource_name}: AllocateRequest has no container requests",
-            )
-        for index, container in enumerate(request.container_requests):
-            if not container.devices_ids:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{self.resource_name}: container request {index} has no device IDs",
-                )
-            for device_id in container.devices_ids:
-                if not self.is_known_id(device_id):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"{self.resource_name}: unknown device ID {device_id!r} "
-                        f"(this plugin serves {self.kind.name}0 to {self.kind.name}{self.count - 1})",
-                    )
-        if not self.verdict.healthy:
-            # The container could not start without the node: fail admission
-            # now, with the reason, rather than at container creation.
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{self.resource_name}: device unhealthy: {self.verdict.reason}",
-            )
+        refusal = self.allocation_refusal(request)
+        if refusal is not None:
+            self.allocation_errors += 1
+            log.warning("%s", refusal[1])
+            await context.abort(*refusal)
+        self.allocations += len(request.container_requests)
         ids = ",".join(i for c in request.container_requests for i in c.devices_ids)
         log.info("%s: allocated %s", self.resource_name, ids)
         return pb.AllocateResponse(
             container_responses=[self._container_response] * len(request.container_requests)
         )
+
+    def allocation_refusal(self, request: pb.AllocateRequest) -> tuple[grpc.StatusCode, str] | None:
+        """Why this request must be refused (status code and message), or None."""
+        name = self.resource_name
+        if not request.container_requests:
+            return grpc.StatusCode.INVALID_ARGUMENT, f"{name}: AllocateRequest has no container requests"
+        for index, container in enumerate(request.container_requests):
+            if not container.devices_ids:
+                return grpc.StatusCode.INVALID_ARGUMENT, f"{name}: container request {index} has no device IDs"
+            for device_id in container.devices_ids:
+                if not self.is_known_id(device_id):
+                    return grpc.StatusCode.INVALID_ARGUMENT, (
+                        f"{name}: unknown device ID {device_id!r} "
+                        f"(this plugin serves {self.kind.name}0 to {self.kind.name}{self.count - 1})"
+                    )
+        if not self.verdict.healthy:
+            # The container could not start without the node: fail admission
+            # now, with the reason, rather than at container creation.
+            return grpc.StatusCode.FAILED_PRECONDITION, f"{name}: device unhealthy: {self.verdict.reason}"
+        return None
 
     def is_known_id(self, device_id: str) -> bool:
         prefix = self.kind.name
@@ -634,7 +638,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             self.registration.cancel()
         if self.outage_started is None:
             self.outage_started = time.monotonic()
-        if self.ever_registered:
+        if self.registrations:
             log.info("%s: registering again: %s", self.resource_name, reason)
         self.registration_target = kubelet
         self.registered_with = None
@@ -711,8 +715,8 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             self.registered_with = kubelet
             took_ms = (time.monotonic() - (self.outage_started or time.monotonic())) * 1000
             self.outage_started = None
-            again = "again " if self.ever_registered else ""
-            self.ever_registered = True
+            again = "again " if self.registrations else ""
+            self.registrations += 1
             log.info(
                 "%s: registered %swith the kubelet after %.0f ms (%d devices %s)",
                 self.resource_name, again, took_ms, self.count,
@@ -758,7 +762,8 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
 
 
 class Daemon:
-    def __init__(self, plugins: list[DevicePlugin], plugin_dir: str, host_root: str) -> None:
+    def __init__(self, plugins: list[DevicePlugin], plugin_dir: str, host_root: str,
+                 status_port: int | None = None) -> None:
         self.plugins = plugins
         self.plugin_dir = plugin_dir
         self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET)
@@ -775,9 +780,36 @@ class Daemon:
             watched += [plugin.socket_path, plugin.checker.node_path]
         self.watcher = DirectoryWatcher(watched, self.wake)
         self.poll_s = RECHECK_S
+        self.status = StatusEndpoint(self, status_port) if status_port is not None else None
 
     def wake(self) -> None:
         self.woken.set()
+
+    def is_ready(self, plugin: DevicePlugin) -> bool:
+        kubelet = file_identity(self.kubelet_socket)
+        return kubelet is not None and plugin.registered_with == kubelet and bool(plugin.streams)
+
+    def not_ready(self) -> list[str]:
+        return [f"{p.resource_name}: not registered with a stream open" for p in self.plugins
+                if self.stop_requested or not self.is_ready(p)]
+
+    async def not_alive(self) -> list[str]:
+        async def answers(plugin: DevicePlugin) -> str | None:
+            if not plugin.socket_intact():
+                return None  # between servers: the lifecycle loop is on it
+            try:
+                async with grpc.aio.insecure_channel(
+                    f"unix://{plugin.socket_path}", options=[("grpc.use_local_subchannel_pool", 1)]
+                ) as channel:
+                    await pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
+                        pb.Empty(), timeout=SELF_CHECK_TIMEOUT_S
+                    )
+            except grpc.aio.AioRpcError as e:
+                return f"{plugin.resource_name}: server does not answer ({e.code().name})"
+            return None
+
+        results = await asyncio.gather(*(answers(p) for p in self.plugins))
+        return [problem for problem in results if problem]
 
     def request_stop(self, signum: int) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -791,6 +823,12 @@ class Daemon:
             loop.add_signal_handler(signum, self.request_stop, signum)
         if not self.watcher.start(loop):
             self.poll_s = POLL_WITHOUT_INOTIFY_S
+        if self.status is not None:
+            try:
+                await self.status.start()
+            except OSError as e:
+                log.error("cannot serve metrics on port %d: %s", self.status.port, e.strerror)
+                return 1
         try:
             while True:
                 self.woken.clear()
@@ -804,6 +842,8 @@ class Daemon:
         finally:
             await asyncio.gather(*(plugin.shutdown() for plugin in self.plugins))
             self.watcher.close()
+            if self.status is not None:
+                await self.status.close()
         log.info("stopped")
         return self.exit_code
 
@@ -869,6 +909,96 @@ class Daemon:
 
 
 # ---------------------------------------------------------------------------
+# Probes and metrics
+#
+# The Device Plugin API cannot tell anyone whether a plugin is registered, and
+# "0 allocatable" on a node says nothing about why. One small HTTP endpoint on
+# the same event loop answers the kubelet's probes and Prometheus:
+#   /readyz   200 when every resource is registered with the kubelet.sock that
+#             exists now and its ListAndWatch stream is open;
+#   /healthz  200 when the loop answers and every server whose socket is in
+#             place answers GetDevicePluginOptions (a blocked loop answers
+#             nothing, so the probe times out);
+#   /metrics  devices, health, registrations and allocations per resource.
+# HTTP probes cost the node nothing between calls, where an exec probe would
+# start a Python process with gRPC every few seconds (~0.25 s of CPU each).
+# asyncio's own streams serve it: http.server would need a thread.
+# ---------------------------------------------------------------------------
+
+SELF_CHECK_TIMEOUT_S = 2.0
+HTTP_READ_TIMEOUT_S = 5.0
+
+
+class StatusEndpoint:
+    def __init__(self, daemon: Daemon, port: int) -> None:
+        self.daemon = daemon
+        self.port = port
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, port=self.port)
+        log.info("serving /metrics, /healthz and /readyz on port %d", self.port)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), HTTP_READ_TIMEOUT_S)
+            while (await asyncio.wait_for(reader.readline(), HTTP_READ_TIMEOUT_S)).strip():
+                pass  # headers: nothing in them matters here
+            method, _, rest = request_line.decode("latin-1").partition(" ")
+            path = rest.split(" ", 1)[0].split("?", 1)[0]
+            if method != "GET":
+                status, body = "405 Method Not Allowed", "only GET\n"
+            elif path == "/metrics":
+                status, body = "200 OK", self.metrics()
+            elif path == "/readyz":
+                problems = self.daemon.not_ready()
+                status = "503 Service Unavailable" if problems else "200 OK"
+                body = "".join(f"{p}\n" for p in problems) or "ready\n"
+            elif path == "/healthz":
+                problems = await self.daemon.not_alive()
+                status = "503 Service Unavailable" if problems else "200 OK"
+                body = "".join(f"{p}\n" for p in problems) or "ok\n"
+            else:
+                status, body = "404 Not Found", "try /metrics, /healthz or /readyz\n"
+            payload = body.encode()
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
+            )
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass  # a half-open or garbled request: drop it, keep serving
+        finally:
+            writer.close()
+
+    def metrics(self) -> str:
+        plugins = self.daemon.plugins
+        families = [
+            ("devices", "gauge", "Devices advertised to the kubelet.", lambda p: p.count),
+            ("healthy_devices", "gauge", "Devices advertised Healthy.",
+             lambda p: p.count if p.verdict.healthy else 0),
+            ("registered", "gauge", "1 while registered with the kubelet and its stream is open.",
+             lambda p: int(self.daemon.is_ready(p))),
+            ("registrations_total", "counter", "Successful registrations with the kubelet.",
+             lambda p: p.registrations),
+            ("reregistrations_total", "counter", "Registrations after the first (kubelet restarts, "
+             "ended streams, deleted sockets).", lambda p: max(p.registrations - 1, 0)),
+            ("allocations_total", "counter", "Containers given the device.", lambda p: p.allocations),
+            ("allocation_errors_total", "counter", "Allocate calls refused.", lambda p: p.allocation_errors),
+        ]
+        lines = []
+        for name, kind, help_text, value in families:
+            metric = f"kvm_device_plugin_{name}"
+            lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+            lines += [f'{metric}{{resource="{p.resource_name}"}} {value(p)}' for p in plugins]
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
 # The command line
 #
 # The flag names are a contract with users, manifests and tests. Usage errors
@@ -900,6 +1030,12 @@ def parse_devices(text: str) -> list[str]:
             f"known: {', '.join(DEVICE_TABLE)}"
         )
     return list(dict.fromkeys(names))
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
+    return int(text)
 
 
 DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
@@ -939,9 +1075,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--permissions", choices=("auto", "rw", "rwm"), default="auto",
                         help="cgroup permissions in each DeviceSpec; auto = rwm on cgroup v2, rw otherwise")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text lines, or one JSON object per line for log pipelines")
+    parser.add_argument("--metrics-port", type=parse_port, default=None,
+                        help="serve /metrics, /healthz and /readyz over HTTP on this port (default off)")
     parser.add_argument("--check", action="store_true",
                         help="check the device nodes, print one line each, exit 0 if all are healthy")
     return parser
+
+
+class TextFormatter(logging.Formatter):
+    """2026-11-26T23:59:01.123Z INFO message: UTC, so nodes' logs line up."""
+
+    converter = time.gmtime
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+
+class JsonFormatter(TextFormatter):
+    """One JSON object per line: {"time", "level", "message"}."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        })
 
 
 def resolve_permissions(choice: str) -> str:
@@ -967,12 +1129,9 @@ def run_check(devices: list[str], host_root: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.Formatter.converter = time.gmtime
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if args.log_format == "json" else TextFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     host_root = os.path.abspath(args.host_root)
     if args.check:
         return run_check(args.devices, host_root)
@@ -997,7 +1156,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             for name in args.devices
         ]
-        daemon = Daemon(plugins, plugin_dir, host_root)
+        daemon = Daemon(plugins, plugin_dir, host_root, args.metrics_port)
         log.info(
             "serving %s with %d devices each (permissions %s, host root %s, plugin dir %s)",
             ", ".join(p.resource_name for p in plugins), args.count, permissions, host_root, plugin_dir,

@@ -632,3 +632,94 @@ def test_a_failing_open_is_not_retried_until_the_node_changes(env, monkeypatch):
     checker.check(misc)
     checker.check(misc)
     assert len(opens) == 2
+
+
+# ---------------------------------------------------------------------------
+# Probes, metrics and logs for the DaemonSet
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric_values(text: str) -> dict[tuple[str, str], float]:
+    values = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r'kvm_device_plugin_(\w+)\{resource="([^"]+)"\} (\S+)', line)
+        if match:
+            values[match[1], match[2]] = float(match[3])
+    return values
+
+
+@pytest.fixture
+def served(env):
+    env.kubelet.start()
+    env.port = free_port()
+    env.plugin = env.start_plugin("--count", "3", "--metrics-port", str(env.port))
+    assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 3), env.plugin.log()
+    return env
+
+
+def test_metrics_match_what_the_kubelet_sees(served):
+    kubelet = served.kubelet
+    kubelet.allocate(resource("kvm"), [["kvm0"], ["kvm1"]])
+    kubelet.allocate(resource("tun"), [["tun2"]])
+    with pytest.raises(grpc.RpcError):
+        kubelet.allocate(resource("tun"), [["tun9"]])
+    kubelet.restart()
+    assert kubelet.wait_registered([resource(n) for n in DEFAULT], 3, min_registrations=2)
+    status, text = http_get(served.port, "/metrics")
+    assert status == 200
+    assert "# TYPE kvm_device_plugin_allocations_total counter" in text
+    values = metric_values(text)
+    expected_allocations = {"kvm": 2, "tun": 1, "vhost-net": 0}
+    for name in DEFAULT:
+        state, r = kubelet.state(resource(name)), resource(name)
+        assert values["devices", r] == state.capacity == 3
+        assert values["healthy_devices", r] == state.allocatable
+        assert values["registrations_total", r] == state.registrations == 2
+        assert values["reregistrations_total", r] == 1
+        assert values["registered", r] == 1
+        assert values["allocations_total", r] == expected_allocations[name]
+        assert values["allocation_errors_total", r] == (1 if name == "tun" else 0)
+
+
+def test_readiness_and_liveness_follow_the_registration(served):
+    assert http_get(served.port, "/readyz") == (200, "ready\n")
+    assert http_get(served.port, "/healthz") == (200, "ok\n")
+    served.kubelet.stop()
+    status, body = http_get(served.port, "/readyz")
+    assert status == 503 and "devices.kubevirt.io/kvm: not registered with a stream open" in body
+    assert http_get(served.port, "/healthz")[0] == 200  # the plugin itself is fine
+    served.kubelet.start()
+    assert served.kubelet.wait_registered([resource(n) for n in DEFAULT], 3, min_registrations=2)
+    assert http_get(served.port, "/readyz")[0] == 200
+    assert served.plugin.terminate() == 0
+    for path in ("/readyz", "/healthz"):
+        with pytest.raises(OSError):  # a stopped plugin answers nothing
+            http_get(served.port, path)
+
+
+def test_json_logs_are_one_object_per_line(env):
+    import json
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm", "--log-format", "json")
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: registered with the kubelet")
+    assert plugin.terminate() == 0
+    entries = [json.loads(line) for line in plugin.log().splitlines()]
+    assert all(set(entry) == {"time", "level", "message"} for entry in entries)
+    assert any(e["message"].startswith("devices.kubevirt.io/kvm: registered with the kubelet") for e in entries)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entries[0]["time"])

@@ -1,0 +1,30 @@
+# kvm-device-plugin image. Build and push it yourself, then put its name in
+# daemonset.yaml:
+#   docker build -t registry.example.org/kvm-device-plugin:0.1.0 .
+#
+# Pinned by tag, including the Debian release, so a rebuild does not move to a
+# new Python or distribution by itself.
+FROM python:3.11-slim-bookworm
+
+WORKDIR /app
+
+# Dependencies first: this layer is rebuilt only when requirements.txt changes.
+# requirements.txt bounds every version (grpcio and protobuf must match the
+# generated stubs).
+COPY requirements.txt .
+RUN pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
+        -r requirements.txt
+
+COPY kvm_device_plugin.py deviceplugin_pb2.py deviceplugin_pb2_grpc.py ./
+
+# GRPC_VERBOSITY: gRPC core's INFO lines only clutter the plugin's log.
+# PYTHONUNBUFFERED: every log line reaches the container log at once.
+# PYTHONDONTWRITEBYTECODE: the root filesystem is read-only in the DaemonSet.
+ENV GRPC_VERBOSITY=ERROR \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# No USER: daemonset.yaml runs this as uid 0 with every capability dropped,
+# because the kubelet's device-plugins directory is root's.
+# Exec form: the script is PID 1 and receives SIGTERM itself (it handles it).
+ENTRYPOINT ["python", "/app/kvm_device_plugin.py"]

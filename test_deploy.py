@@ -1,0 +1,264 @@
+"""Tests: the deployment files against Kubernetes' schemas, hadolint and the plugin.
+
+No cluster and no container engine are at hand, so these tests catch
+statically what would otherwise show up only on a node:
+
+- a manifest that the API server of Kubernetes 1.25 or 1.37 would reject
+  (kubernetes-validate --strict, with the schemas it ships);
+- a Dockerfile that hadolint warns about, or whose files .dockerignore leaves
+  out of the build context;
+- a DaemonSet whose command line the plugin's own argument parser rejects
+  (the pod would crash-loop on every node), or whose probes ask a port or a
+  path the plugin does not serve;
+- mounts that do not line up with --host-root and --plugin-dir (the plugin
+  would report every device missing, or never reach the kubelet);
+- a security setting of the DaemonSet or of the example consumer pod that was
+  quietly loosened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import kvm_device_plugin as kdp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.dirname(sys.executable)  # the venv's bin: kubernetes-validate, hadolint
+MANIFESTS = ["daemonset.yaml"] + sorted(
+    os.path.relpath(path, HERE) for path in glob.glob(os.path.join(HERE, "examples", "*.yaml"))
+)
+# The oldest and the newest version that kubernetes-validate 1.37 has schemas for.
+KUBERNETES_VERSIONS = ["1.25.0", "1.37.0"]
+SCRIPT_NAME = "kvm_device_plugin.py"
+KUBELET_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"  # on the node
+
+
+def load_documents(name: str) -> list[dict]:
+    with open(os.path.join(HERE, name)) as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc]
+
+
+def only(docs: list[dict], kind: str) -> dict:
+    matching = [doc for doc in docs if doc["kind"] == kind]
+    assert len(matching) == 1, f"expected one {kind}, found {len(matching)}"
+    return matching[0]
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60
+    )
+
+
+def args_after_script(command: list[str]) -> list[str]:
+    """The arguments that follow the plugin's script path in a command line."""
+    scripts = [i for i, word in enumerate(command) if os.path.basename(word) == SCRIPT_NAME]
+    assert scripts, f"{SCRIPT_NAME} is not in {command}"
+    return command[scripts[0] + 1:]
+
+
+def parse_plugin_args(argv: list[str]):
+    """Parse argv with the plugin's own parser; fail the test with its message."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return kdp.build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"{SCRIPT_NAME} rejects {shlex.join(argv)}:\n{stderr.getvalue().strip()}")
+
+
+@pytest.fixture(scope="module")
+def daemonset_docs() -> list[dict]:
+    return load_documents("daemonset.yaml")
+
+
+@pytest.fixture(scope="module")
+def daemonset(daemonset_docs) -> dict:
+    return only(daemonset_docs, "DaemonSet")
+
+
+@pytest.fixture(scope="module")
+def pod_spec(daemonset) -> dict:
+    return daemonset["spec"]["template"]["spec"]
+
+
+@pytest.fixture(scope="module")
+def container(pod_spec) -> dict:
+    assert len(pod_spec["containers"]) == 1
+    return pod_spec["containers"][0]
+
+
+def command_line(container: dict) -> list[str]:
+    return container.get("command", []) + container.get("args", [])
+
+
+def plugin_args(container: dict):
+    return parse_plugin_args(args_after_script(command_line(container)))
+
+
+def mount_and_volume(pod_spec: dict, container: dict, match) -> tuple[dict, dict]:
+    """The one volume mount of the container whose volume satisfies match."""
+    volumes = {volume["name"]: volume for volume in pod_spec["volumes"]}
+    found = [(m, volumes[m["name"]]) for m in container["volumeMounts"] if match(volumes[m["name"]])]
+    assert len(found) == 1, f"expected one matching mount, found {found}"
+    return found[0]
+
+
+def host_path(path: str):
+    return lambda volume: volume.get("hostPath", {}).get("path") == path
+
+
+# --- Schemas and linter -----------------------------------------------------
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("manifest", MANIFESTS)
+def test_manifest_matches_kubernetes_schema(manifest, version):
+    result = run([os.path.join(BIN, "kubernetes-validate"), "--strict", "-k", version, manifest])
+    assert result.returncode == 0, result.stdout
+    # An unknown kind or apiVersion is only a WARN with exit 0: insist that
+    # every resource in the file was actually checked and passed.
+    assert "WARN" not in result.stdout, result.stdout
+    for doc in load_documents(manifest):
+        resource = f"{doc['kind'].lower()}/{doc['metadata']['name']}"
+        assert f"{manifest} passed for resource {resource} " in result.stdout, result.stdout
+
+
+def test_dockerfile_passes_hadolint():
+    result = run([os.path.join(BIN, "hadolint"), "--no-color", "Dockerfile"])
+    assert (result.returncode, result.stdout) == (0, ""), result.stdout
+
+
+def test_dockerfile_entrypoint_is_the_daemonset_command(container):
+    with open(os.path.join(HERE, "Dockerfile")) as f:
+        entrypoints = [line.split(None, 1)[1] for line in f if line.startswith("ENTRYPOINT ")]
+    assert len(entrypoints) == 1
+    assert json.loads(entrypoints[0]) == container["command"]
+
+
+def test_dockerignore_lets_through_every_file_the_dockerfile_copies():
+    with open(os.path.join(HERE, "Dockerfile")) as f:
+        copies = [line.split()[1:] for line in f if line.startswith("COPY ")]
+    sources = [word for words in copies for word in words[:-1]]
+    assert "kvm_device_plugin.py" in sources
+    with open(os.path.join(HERE, ".dockerignore")) as f:
+        patterns = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    # An allowlist: everything is excluded, then each copied file let back in.
+    assert patterns[0] == "*"
+    for source in sources:
+        assert os.path.isfile(os.path.join(HERE, source)), source
+        assert f"!{source}" in patterns, f"{source} is copied but left out by .dockerignore"
+
+
+# --- The DaemonSet against the plugin's command line --------------------------
+
+
+def test_plugin_accepts_the_daemonset_command_line(container):
+    plugin_args(container)
+
+
+def test_host_dev_is_mounted_where_host_root_points(pod_spec, container):
+    args = plugin_args(container)
+    mount, _ = mount_and_volume(pod_spec, container, host_path("/dev"))
+    assert os.path.normpath(mount["mountPath"]) == os.path.join(os.path.abspath(args.host_root), "dev")
+    assert mount.get("readOnly") is True
+    # Where the plugin will actually look for each device node:
+    for name in args.devices:
+        node_path = kdp.NodeChecker(kdp.DEVICE_TABLE[name], os.path.abspath(args.host_root)).node_path
+        assert node_path.startswith(mount["mountPath"] + "/"), node_path
+
+
+def test_kubelet_device_plugins_dir_is_mounted_at_plugin_dir(pod_spec, container):
+    args = plugin_args(container)
+    mount, volume = mount_and_volume(pod_spec, container, host_path(KUBELET_PLUGIN_DIR))
+    assert mount["mountPath"] == args.plugin_dir
+    assert not mount.get("readOnly", False)  # the plugin creates its sockets there
+    assert volume["hostPath"]["type"] == "Directory"
+
+
+def test_metrics_port_is_declared_and_annotated(daemonset, container):
+    args = plugin_args(container)
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["metrics"] == int(args.metrics_port)
+    annotations = daemonset["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(args.metrics_port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+@pytest.mark.parametrize("kind, path", [("readiness", "/readyz"), ("liveness", "/healthz")])
+def test_probes_ask_the_plugins_own_endpoint(container, kind, path):
+    # test_plugin.py checks that these paths answer 200 for a registered plugin.
+    probe = container[f"{kind}Probe"]["httpGet"]
+    assert probe == {"path": path, "port": "metrics"}
+    assert plugin_args(container).metrics_port is not None
+
+
+# --- The DaemonSet's security and scheduling ---------------------------------
+
+
+def test_container_is_unprivileged(container):
+    security = container["securityContext"]
+    assert security["runAsUser"] == 0  # owner of the kubelet's directory, no capabilities
+    assert security["privileged"] is False
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_pod_shares_nothing_with_the_host_but_two_directories(daemonset_docs, pod_spec):
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod_spec.get(key, False), key
+    assert pod_spec["automountServiceAccountToken"] is False
+    host_paths = sorted(v["hostPath"]["path"] for v in pod_spec["volumes"] if "hostPath" in v)
+    assert host_paths == ["/dev", KUBELET_PLUGIN_DIR]
+    for doc in daemonset_docs:
+        assert doc["metadata"]["namespace"] == "kube-system", doc["kind"]
+
+
+def test_runs_on_every_node_before_other_pods(pod_spec):
+    assert pod_spec["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in pod_spec["tolerations"]  # no key: every taint
+
+
+def test_rolling_update_never_runs_two_plugins_on_a_node(daemonset):
+    strategy = daemonset["spec"]["updateStrategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert str(strategy["rollingUpdate"]["maxSurge"]) == "0"
+    assert str(strategy["rollingUpdate"]["maxUnavailable"]) == "1"
+
+
+def test_resources_are_bounded(container):
+    resources = container["resources"]
+    for section in ("requests", "limits"):
+        assert set(resources[section]) == {"cpu", "memory"}, section
+
+
+# --- The example consumer pod -------------------------------------------------
+
+
+def test_consumer_pod_requests_the_three_devices_unprivileged():
+    pod = only(load_documents("examples/consumer-pod.yaml"), "Pod")
+    (container,) = pod["spec"]["containers"]
+    limits = container["resources"]["limits"]
+    for name in kdp.DEFAULT_DEVICES:
+        assert limits[f"{kdp.DEFAULT_RESOURCE_DOMAIN}/{name}"] == "1", name
+    security = container["securityContext"]
+    assert security.get("privileged", False) is False
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    # The plugin, not a hostPath, puts the device nodes into the container.
+    assert not any("hostPath" in volume for volume in pod["spec"].get("volumes", []))
+    assert "ls -l /dev/kvm /dev/net/tun /dev/vhost-net" in " ".join(container["command"])
