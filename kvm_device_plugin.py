@@ -416,6 +416,74 @@ class DirectoryWatcher:
 
 
 # ---------------------------------------------------------------------------
+# CDI spec files (opt-in, --cdi-spec-dir)
+#
+# Kubelets from 1.28 on pass CDI device names from Allocate to the container
+# runtime, and CDI-aware runtimes (containerd 1.7+ with CDI on, CRI-O) build
+# the container's devices from a spec file on the node instead of from the
+# DeviceSpec. The plugin writes one spec per resource and names it in
+# Allocate only while the file is there as written; the DeviceSpec stays, so
+# kubelets and runtimes without CDI keep working.
+# ---------------------------------------------------------------------------
+
+# 0.3.0 is the oldest CDI version with device node permissions; runtimes
+# reject versions they do not know, so a spec claims the lowest it needs.
+CDI_VERSION = "0.3.0"
+
+
+class CdiSpec:
+    """One resource's CDI spec file: written atomically, rewritten when it is
+    deleted or changed, left in place on exit (restarting containers that
+    were given the CDI name still need it)."""
+
+    def __init__(self, directory: str, resource_name: str, kind: DeviceKind, permissions: str) -> None:
+        vendor, _, device_class = resource_name.partition("/")
+        self.path = os.path.join(directory, f"{vendor}-{device_class}.json")
+        self.device_name = f"{resource_name}={kind.name}"  # the fully qualified CDI name
+        self.resource_name = resource_name
+        self.content = json.dumps({
+            "cdiVersion": CDI_VERSION,
+            "kind": resource_name,
+            "devices": [{
+                "name": kind.name,
+                "containerEdits": {"deviceNodes": [{"path": kind.path, "permissions": permissions}]},
+            }],
+        }, indent=2).encode() + b"\n"
+        self.written: tuple[int, int, int] | None = None  # identity of the file we wrote
+        self.error_logged = False
+
+    def in_place(self) -> bool:
+        return self.written is not None and file_identity(self.path) == self.written
+
+    def refresh(self) -> None:
+        if self.in_place():
+            return
+        directory = os.path.dirname(self.path)
+        temporary = os.path.join(directory, f".{os.path.basename(self.path)}.tmp")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(temporary, "wb") as f:
+                f.write(self.content)
+            # rename() replaces the file in one step: a runtime reading the
+            # directory never sees half a spec.
+            os.rename(temporary, self.path)
+        except OSError as e:
+            self.written = None
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            if not self.error_logged:
+                log.warning("%s: cannot write CDI spec %s: %s", self.resource_name, self.path, e.strerror)
+                self.error_logged = True
+            return
+        rewritten = self.written is not None or self.error_logged
+        self.written = file_identity(self.path)
+        self.error_logged = False
+        log.info("%s: %s CDI spec %s", self.resource_name, "rewrote" if rewritten else "wrote", self.path)
+
+
+# ---------------------------------------------------------------------------
 # The DevicePlugin servicer
 #
 # One instance per resource. It owns that resource's gRPC server, its socket,
@@ -453,6 +521,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         plugin_dir: str,
         host_root: str,
         wake: Callable[[], None],
+        cdi_spec_dir: str | None = None,
     ) -> None:
         self.kind = kind
         self.resource_name = resource_name
@@ -464,12 +533,14 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         self.checker = NodeChecker(kind, host_root)
         self.wake = wake
 
+        self.cdi = CdiSpec(cdi_spec_dir, resource_name, kind, permissions) if cdi_spec_dir else None
         # The kubelet gets the node's own path, never the host-root-prefixed
-        # one we look at, and no CDI or mount: just the device.
-        self._container_response = pb.ContainerAllocateResponse(
-            devices=[
-                pb.DeviceSpec(container_path=kind.path, host_path=kind.path, permissions=permissions)
-            ]
+        # one we look at: the runtime creates the node from the host's path.
+        device = pb.DeviceSpec(container_path=kind.path, host_path=kind.path, permissions=permissions)
+        self._container_response = pb.ContainerAllocateResponse(devices=[device])
+        self._container_response_cdi = pb.ContainerAllocateResponse(
+            devices=[device],
+            cdi_devices=[pb.CDIDevice(name=self.cdi.device_name)] if self.cdi else [],
         )
         self.verdict = Verdict(False, "not checked yet")
         # Built on first use and kept: with --count 100000 building a list
@@ -574,9 +645,9 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         self.allocations += len(request.container_requests)
         ids = ",".join(i for c in request.container_requests for i in c.devices_ids)
         log.info("%s: allocated %s", self.resource_name, ids)
-        return pb.AllocateResponse(
-            container_responses=[self._container_response] * len(request.container_requests)
-        )
+        with_cdi = self.cdi is not None and self.cdi.in_place()
+        response = self._container_response_cdi if with_cdi else self._container_response
+        return pb.AllocateResponse(container_responses=[response] * len(request.container_requests))
 
     def allocation_refusal(self, request: pb.AllocateRequest) -> tuple[grpc.StatusCode, str] | None:
         """Why this request must be refused (status code and message), or None."""
@@ -778,6 +849,8 @@ class Daemon:
         watched = [self.kubelet_socket]
         for plugin in plugins:
             watched += [plugin.socket_path, plugin.checker.node_path]
+            if plugin.cdi is not None:
+                watched.append(plugin.cdi.path)
         self.watcher = DirectoryWatcher(watched, self.wake)
         self.poll_s = RECHECK_S
         self.status = StatusEndpoint(self, status_port) if status_port is not None else None
@@ -851,6 +924,8 @@ class Daemon:
         misc = read_proc_misc()
         for plugin in self.plugins:
             plugin.refresh_health(misc)
+            if plugin.cdi is not None:
+                plugin.cdi.refresh()
         if self.watcher.fd >= 0 and not self.watcher.sync():
             self.poll_s = POLL_WITHOUT_INOTIFY_S
         if not os.path.isdir(self.plugin_dir):
@@ -1079,6 +1154,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text lines, or one JSON object per line for log pipelines")
     parser.add_argument("--metrics-port", type=parse_port, default=None,
                         help="serve /metrics, /healthz and /readyz over HTTP on this port (default off)")
+    parser.add_argument("--cdi-spec-dir", default=None,
+                        help="also write a CDI spec per resource here (for example /var/run/cdi) and name "
+                             "it in Allocate (default off)")
     parser.add_argument("--check", action="store_true",
                         help="check the device nodes, print one line each, exit 0 if all are healthy")
     return parser
@@ -1153,6 +1231,7 @@ def main(argv: list[str] | None = None) -> int:
             DevicePlugin(
                 DEVICE_TABLE[name], f"{args.resource_domain}/{name}", args.count,
                 permissions, plugin_dir, host_root, lambda: daemon.wake(),
+                os.path.abspath(args.cdi_spec_dir) if args.cdi_spec_dir else None,
             )
             for name in args.devices
         ]

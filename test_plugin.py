@@ -723,3 +723,176 @@ def test_json_logs_are_one_object_per_line(env):
     assert all(set(entry) == {"time", "level", "message"} for entry in entries)
     assert any(e["message"].startswith("devices.kubevirt.io/kvm: registered with the kubelet") for e in entries)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entries[0]["time"])
+
+
+# ---------------------------------------------------------------------------
+# KubeVirt's other devices: vhost-vsock (static minor), sev and mshv (dynamic)
+# ---------------------------------------------------------------------------
+
+
+def misc_table() -> dict[str, int]:
+    table = kdp.read_proc_misc()
+    assert table is not None, "/proc/misc is unreadable"
+    return table
+
+
+def test_vhost_vsock_static_minor_is_checked(env):
+    kind = kdp.DEVICE_TABLE["vhost-vsock"]
+    checker = kdp.NodeChecker(kind, env.host)
+    assert checker.check(misc_table()).reason == "/dev/vhost-vsock is missing (load kernel module vhost_vsock)"
+    mknod(env.node("dev/vhost-vsock"), 241)
+    verdict = checker.check(misc_table())
+    if 241 in misc_table().values():
+        assert verdict.healthy, verdict
+    else:  # this machine's kernel has no vhost_vsock: a real "driver not loaded"
+        assert not verdict.healthy
+        assert re.fullmatch(r"driver not loaded: opening /dev/vhost-vsock gave (ENODEV|ENXIO) "
+                            r"\(load kernel module vhost_vsock\)", verdict.reason), verdict
+    os.unlink(env.node("dev/vhost-vsock"))
+    mknod(env.node("dev/vhost-vsock"), 242)
+    assert checker.check(misc_table()).reason == "/dev/vhost-vsock has device number 10:242, expected 10:241"
+
+
+@pytest.mark.parametrize("name, module", [("sev", "ccp"), ("mshv", r"mshv_root \(mshv on older kernels\)")])
+def test_dynamic_minor_without_its_driver_is_not_opened(env, monkeypatch, name, module):
+    if name in misc_table():
+        pytest.skip(f"this machine's kernel has the {name} driver loaded")
+    mknod(env.node(f"dev/{name}"), 123)
+    opens = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opens.append(path) or real_open(path, *a, **k))
+    verdict = kdp.NodeChecker(kdp.DEVICE_TABLE[name], env.host).check(misc_table())
+    assert not verdict.healthy
+    assert re.fullmatch(rf"driver not loaded: no '{name}' in /proc/misc \(load kernel module {module}\)",
+                        verdict.reason), verdict
+    assert opens == []  # minor 123 may belong to another driver
+
+
+@pytest.mark.parametrize("name", ["sev", "mshv"])
+def test_dynamic_minor_is_matched_against_proc_misc(env, name):
+    # The minor /proc/misc lists for the driver is the one expected, whatever it is.
+    listed = dict(misc_table(), **{name: 125})
+    mknod(env.node(f"dev/{name}"), 124)
+    checker = kdp.NodeChecker(kdp.DEVICE_TABLE[name], env.host)
+    assert checker.check(listed).reason == f"/dev/{name} has device number 10:124, expected 10:125"
+
+
+@pytest.mark.parametrize("name", ["vhost-vsock", "sev", "mshv"])
+def test_new_device_with_its_driver_loaded_is_healthy(env, name):
+    kind = kdp.DEVICE_TABLE[name]
+    minor = misc_table().get(kind.misc_name)
+    if minor is None:
+        pytest.skip(f"this machine's kernel has no {kind.misc_name} driver (module {kind.module}) loaded")
+    mknod(env.node(kind.path.lstrip("/")), minor)
+    assert kdp.NodeChecker(kind, env.host).check(misc_table()).healthy
+
+
+def test_new_devices_are_served_checked_and_counted(env):
+    for name, minor in (("vhost-vsock", 241), ("sev", 123), ("mshv", 124)):
+        mknod(env.node(f"dev/{name}"), minor)
+    env.kubelet.start()
+    port = free_port()
+    plugin = env.start_plugin("--count", "2", "--devices", "vhost-vsock,sev,mshv", "--metrics-port", str(port))
+    names = ["vhost-vsock", "sev", "mshv"]
+    assert env.kubelet.wait_registered([resource(n) for n in names], 2), plugin.log()
+    misc = misc_table()
+    for name in names:
+        kind = kdp.DEVICE_TABLE[name]
+        loaded = kind.misc_name in misc if kind.minor is None else kind.minor in misc.values()
+        if not loaded:
+            assert health_of(env, name) == {"Unhealthy"}
+            plugin.wait_log(rf"devices\.kubevirt\.io/{name}: 2 devices Unhealthy: driver not loaded")
+    values = metric_values(http_get(port, "/metrics")[1])
+    assert {values["devices", resource(n)] for n in names} == {2}
+    result = run_check("--host-root", env.host, "--devices", "vhost-vsock,sev,mshv")
+    assert [line.split()[0] for line in result.stdout.splitlines()] == names
+
+
+# ---------------------------------------------------------------------------
+# CDI spec files
+# ---------------------------------------------------------------------------
+
+CDI_SCHEMA_DIR = os.path.join(HERE, "..", "shared", "cdi-schema")
+
+
+def validate_cdi(spec: dict) -> None:
+    import json
+
+    import jsonschema
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT7
+    with open(os.path.join(CDI_SCHEMA_DIR, "schema.json")) as f:
+        schema = json.load(f)
+    with open(os.path.join(CDI_SCHEMA_DIR, "defs.json")) as f:
+        defs = Resource.from_contents(json.load(f), default_specification=DRAFT7)
+    jsonschema.Draft7Validator(schema, registry=Registry().with_resource("defs.json", defs)).validate(spec)
+
+
+def read_json(path: str) -> dict:
+    import json
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture
+def with_cdi(env):
+    env.cdi_dir = os.path.join(env.root, "cdi")
+    env.kubelet.start()
+    env.plugin = env.start_plugin("--count", "2", "--permissions", "rwm", "--cdi-spec-dir", env.cdi_dir)
+    assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 2), env.plugin.log()
+    env.plugin.wait_log(r"devices\.kubevirt\.io/vhost-net: wrote CDI spec")
+    return env
+
+
+@pytest.mark.skipif(not os.path.isdir(CDI_SCHEMA_DIR), reason="../shared/cdi-schema is absent")
+def test_cdi_specs_validate_and_match_the_device_spec(with_cdi):
+    assert sorted(os.listdir(with_cdi.cdi_dir)) == [f"devices.kubevirt.io-{n}.json" for n in sorted(DEFAULT)]
+    for name in DEFAULT:
+        spec = read_json(os.path.join(with_cdi.cdi_dir, f"devices.kubevirt.io-{name}.json"))
+        validate_cdi(spec)
+        response = with_cdi.kubelet.allocate(resource(name), [[f"{name}0"]]) if name != "vhost-net" else None
+        assert spec["cdiVersion"] == "0.3.0" and spec["kind"] == resource(name)
+        (device,) = spec["devices"]
+        assert device["name"] == name
+        (node,) = device["containerEdits"]["deviceNodes"]
+        assert node == {"path": kdp.DEVICE_TABLE[name].path, "permissions": "rwm"}
+        if response is not None:  # vhost-net is unhealthy here: Allocate refuses it
+            (container,) = response.container_responses
+            (spec_device,) = container.devices
+            assert (spec_device.host_path, spec_device.permissions) == (node["path"], node["permissions"])
+            assert [d.name for d in container.cdi_devices] == [f"devices.kubevirt.io/{name}={name}"]
+
+
+def test_cdi_spec_is_rewritten_when_deleted_or_changed_and_kept_on_exit(with_cdi):
+    path = os.path.join(with_cdi.cdi_dir, "devices.kubevirt.io-kvm.json")
+    original = open(path, "rb").read()
+    os.unlink(path)
+    assert settles(lambda: os.path.exists(path))
+    with open(path, "w") as f:
+        f.write("{}")
+    assert settles(lambda: open(path, "rb").read() == original)
+    with_cdi.plugin.wait_log(r"devices\.kubevirt\.io/kvm: rewrote CDI spec")
+    assert not [n for n in os.listdir(with_cdi.cdi_dir) if n.startswith(".")]  # no temporary left
+    assert with_cdi.plugin.terminate() == 0
+    assert open(path, "rb").read() == original  # restarting containers still need it
+
+
+def test_allocate_names_cdi_only_while_the_spec_is_in_place(with_cdi):
+    response = with_cdi.kubelet.allocate(resource("kvm"), [["kvm1"]])
+    assert [d.name for d in response.container_responses[0].cdi_devices] == ["devices.kubevirt.io/kvm=kvm"]
+    # A directory takes the spec's place: the spec cannot be written back.
+    path = os.path.join(with_cdi.cdi_dir, "devices.kubevirt.io-kvm.json")
+
+    def occupy() -> bool:
+        try:
+            os.unlink(path)
+            os.mkdir(path)
+            return True
+        except (FileNotFoundError, FileExistsError):
+            return False  # the plugin was quicker; again
+    assert settles(occupy)
+    with_cdi.plugin.wait_log(r"devices\.kubevirt\.io/kvm: cannot write CDI spec")
+    response = with_cdi.kubelet.allocate(resource("kvm"), [["kvm1"]])
+    (container,) = response.container_responses
+    assert not container.cdi_devices
+    assert [d.host_path for d in container.devices] == ["/dev/kvm"]  # the DeviceSpec stays
