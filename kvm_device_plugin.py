@@ -62,7 +62,6 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deviceplugin_pb2 as pb  # noqa: E402
 import deviceplugin_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -306,6 +305,20 @@ class NodeChecker:
 # socket) can never lead us astray.
 # ---------------------------------------------------------------------------
 
+def file_identity(path: str) -> tuple[int, int, int] | None:
+    """(device, inode, ctime) of a file, or None when it is not there.
+
+    What the reconcile steps compare: "the socket I bound" against a socket
+    made since at that path, "the kubelet I registered with" against a
+    restarted one, "the CDI spec I wrote" against an edited one.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
 IN_MOVED_FROM = 0x40
 IN_MOVED_TO = 0x80
 IN_CREATE = 0x100
@@ -498,19 +511,6 @@ def plugin_socket_name(device: str) -> str:
     return f"kvm-device-plugin-{device}.sock"
 
 
-def file_identity(path: str) -> tuple[int, int, int] | None:
-    """(device, inode, ctime) of a file, or None when it is not there.
-
-    Tells "the socket I bound" from "a socket someone made since at that path",
-    and "the kubelet I registered with" from a restarted one.
-    """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_ctime_ns)
-
-
 class DevicePlugin(pb_grpc.DevicePluginServicer):
     def __init__(
         self,
@@ -584,11 +584,9 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         verdict = self.checker.check(misc)
         if verdict == self.verdict:
             return
-        was_checked = self.verdict.reason != "not checked yet"
         self.verdict = verdict
         state = HEALTHY if verdict.healthy else UNHEALTHY
-        level = logging.INFO if verdict.healthy or not was_checked else logging.WARNING
-        log.log(level, "%s: %d devices %s: %s", self.resource_name, self.count, state, verdict.reason)
+        log.log(logging.INFO if verdict.healthy else logging.WARNING, "%s: %d devices %s: %s", self.resource_name, self.count, state, verdict.reason)
         for changed in self.streams:
             changed.set()
 
