@@ -34,6 +34,9 @@ idle_cpu_percent  on-CPU time of the registered, idle plugin, summed over
                   /proc/PID/task/*/schedstat (first field), over 20 s (quick: 5),
                   in percent of one core. Threads ending mid-window are missed.
 list_100000_ms    just before Popen -> full list, --count 100000 --devices kvm.
+shutdown_ms       SIGTERM to the plugin's exit (code 0), registered with streams open.
+late_kubelet_ms   the plugin started 3 s (quick: 1.5 s) before the stand-in: from
+                  just before the stand-in starts to every full list.
 rss_growth_mb_100_restarts  VmRSS after the restart series minus before it (1 s
                   idle first); 100 restarts (quick: 30, same key). fds_/threads_
                   before/after: entries in /proc/PID/fd and /task at those times.
@@ -78,8 +81,8 @@ WAIT_S = 10.0  # bound for anything that should take milliseconds
 SETTLE_S = 1.5  # idle time before an RSS reading
 ALLOCATIONS = 2000
 CALLERS = 16
-FULL = {"health_reps": 30, "restarts": 100, "timed_restarts": 50, "idle_cpu_s": 20.0}
-QUICK = {"health_reps": 10, "restarts": 30, "timed_restarts": 30, "idle_cpu_s": 5.0}
+FULL = {"health_reps": 30, "restarts": 100, "timed_restarts": 50, "idle_cpu_s": 20.0, "late_kubelet_s": 3.0}
+QUICK = {"health_reps": 10, "restarts": 30, "timed_restarts": 30, "idle_cpu_s": 5.0, "late_kubelet_s": 1.5}
 
 
 def resource(name: str) -> str:
@@ -114,18 +117,37 @@ class Rig:
     def node(self, name: str) -> str:
         return os.path.join(self.host, NODES[name][0])
 
-    def start(self, timeout: float = WAIT_S) -> float:
-        """Start the stand-in and the plugin; ms from just before Popen to the full lists."""
+    def start(self, timeout: float = WAIT_S, kubelet_late_s: float = 0.0) -> float:
+        """Start the stand-in and the plugin; ms from just before Popen to the full lists.
+
+        With kubelet_late_s, the plugin starts first and the stand-in that many
+        seconds later; then ms from just before the stand-in starts.
+        """
         for name in NODES:
             mknod(self.node(name), NODES[name][1])
-        self.kubelet.start()
+        if not kubelet_late_s:
+            self.kubelet.start()
         argv = [sys.executable, SCRIPT, "--plugin-dir", self.plugin_dir, "--host-root", self.host,
                 "--count", str(self.count), "--devices", ",".join(self.devices)]
         with open(self.log_path, "wb") as log:
             t0 = time.monotonic()
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
         self.pid = self.proc.pid
+        if kubelet_late_s:
+            time.sleep(kubelet_late_s)
+            t0 = time.monotonic()
+            self.kubelet.start()
         return (self.wait_lists({}, timeout) - t0) * 1000
+
+    def shutdown_ms(self) -> float:
+        """ms from SIGTERM to the plugin's exit (its exit code must be 0)."""
+        assert self.proc is not None
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(WAIT_S)
+        if code != 0:
+            raise RuntimeError(f"plugin exited {code} on SIGTERM; its log:\n{self.log_tail()}")
+        return (time.monotonic() - t0) * 1000
 
     def baseline(self) -> dict[str, tuple[int, int]]:
         with self.kubelet.cond:
@@ -306,6 +328,9 @@ def bench_default(plan: dict[str, float], r: dict[str, float]) -> None:
         timed = took[:plan["timed_restarts"]]
         r["reregister_ms_median"], r["reregister_ms_max"] = statistics.median(timed), max(timed)
         r["rss_growth_mb_100_restarts"] = rss_after - rss_before
+        r["shutdown_ms"] = rig.shutdown_ms()
+    with Rig(110) as rig:
+        r["late_kubelet_ms"] = rig.start(kubelet_late_s=plan["late_kubelet_s"])
 
 
 def bench_large(r: dict[str, float]) -> None:

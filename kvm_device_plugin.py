@@ -89,8 +89,9 @@ UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 # and call GetDevicePluginOptions; leave room for that and then some.
 REGISTER_TIMEOUT_S = 20.0
 # A kubelet.sock that exists but refuses is usually a kubelet a few
-# milliseconds from listening: retry fast first, then at most once a second.
-RETRY_FIRST_S = 0.005
+# milliseconds from listening (bound, not yet listening): retry fast first,
+# then at most once a second, and only call it a problem once it has lasted.
+RETRY_FIRST_S = 0.001
 RETRY_MAX_S = 1.0
 # Safety net for a missed inotify event, an overflowed inotify queue, and the
 # only way to see a kernel module loaded later (/proc/misc cannot be watched).
@@ -557,7 +558,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         self.registered_with: tuple[int, int, int] | None = None  # kubelet.sock identity
         self.registration: asyncio.Task | None = None
         self.registration_target: tuple[int, int, int] | None = None
-        self.outage_started: float | None = time.monotonic()
+        self.outage_started: float | None = None  # when registering became necessary
         self.registrations = 0  # successful Register calls, for the metrics
         self.allocations = 0  # containers given the device
         self.allocation_errors = 0
@@ -771,12 +772,16 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
                     break
                 except grpc.aio.AioRpcError as e:
                     error = f"{e.code().name}: {e.details()}"
+                    transient = e.code() == grpc.StatusCode.UNAVAILABLE
                 except (OSError, RuntimeError) as e:  # cannot bind: directory gone
-                    error = str(e)
-                if error != last_error:
+                    error, transient = str(e), True
+                # A refusal is worth a line once it has lasted about a second
+                # (the retries have slowed to RETRY_MAX_S); a rejection by the
+                # kubelet (invalid name, ...) at once. Each only once.
+                if error != last_error and (delay >= RETRY_MAX_S or not transient):
                     log.warning(
-                        "%s: registration with %s failed (%s); retrying",
-                        self.resource_name, self.kubelet_socket, error,
+                        "%s: registration with %s failed (%s); retrying every %.0f s at most",
+                        self.resource_name, self.kubelet_socket, error, RETRY_MAX_S,
                     )
                     last_error = error
                 await asyncio.sleep(delay)
