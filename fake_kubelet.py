@@ -9,12 +9,24 @@ It does what ../shared/KUBELET.md says a kubelet does, not what is convenient:
   answers errors as gRPC UNKNOWN with a message;
 - in the default mode (kubelet 1.25 and later) Register dials the plugin back
   and calls GetDevicePluginOptions (10 s timeout) before it returns; in
-  `legacy` mode (1.10 to 1.24) it returns at once, reads the options from the
-  RegisterRequest and dials afterwards;
+  `legacy` mode (1.10 to 1.24) it returns at once, then in the background dials
+  the plugin (10 s timeout; a failed dial drops the registration silently, as
+  those kubelets did), takes the options from the RegisterRequest and never
+  calls GetDevicePluginOptions;
 - it then reads one ListAndWatch stream per registration, taking every message
   as the FULL device list; when a stream ends it marks all the resource's
   devices unhealthy (capacity unchanged) and never re-dials;
 - registering a resource again replaces (and closes) its old endpoint.
+
+Which proto it speaks is the `proto` argument:
+
+- "current": ../deviceplugin.proto through the committed generated stubs;
+- "pre_cdi": testdata/deviceplugin_pre_cdi.proto, the API as kubelet 1.18 knew
+  it (no GetPreferredAllocation, no get_preferred_allocation_available, no
+  cdi_devices). Every message the stand-in receives, RegisterRequest included,
+  is parsed with that proto; fields it does not know are kept as unknown
+  fields and ignored, as such a kubelet does (`unknown_fields()` lists them).
+  A 1.18 kubelet registers the legacy way, so this mode implies `legacy`.
 
 It runs in the caller's process on gRPC's thread pool; its state is read
 through wait_for(), which blocks on a condition variable until a predicate
@@ -25,20 +37,26 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 import threading
 import time
 from concurrent import futures
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 import deviceplugin_pb2 as pb
 import deviceplugin_pb2_grpc as pb_grpc
+from testdata import deviceplugin_pre_cdi_pb2 as pre_cdi_pb
 
 KUBELET_SOCKET = "kubelet.sock"
 DIAL_BACK_TIMEOUT_S = 10.0
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+WIRE_PACKAGE = "v1beta1"  # what method paths carry, whatever a proto's package
+PROTOS = {"current": pb, "pre_cdi": pre_cdi_pb}
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 
 
@@ -56,17 +74,68 @@ def resource_name_error(name: str) -> str | None:
     return None
 
 
+def unknown_fields(message: Message, prefix: str = "") -> list[str]:
+    """The fields of `message`, at any depth, that its proto does not know, as
+    "path.number" (e.g. "container_responses.5" for cdi_devices seen by a
+    pre-CDI kubelet): what a kubelet built from that proto ignores."""
+    found = {f"{prefix}{field.field_number}" for field in UnknownFieldSet(message)}
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        for item in value if field.is_repeated else [value]:
+            found.update(unknown_fields(item, f"{prefix}{field.name}."))
+    return sorted(found)
+
+
+class MethodPathStub:
+    """A DevicePlugin client for a proto with another package name: every rpc
+    that proto declares (and no other), called at the kubelet's own method path
+    with that proto's messages. The wire carries only the path and the field
+    numbers."""
+
+    def __init__(self, channel: grpc.Channel, messages: Any) -> None:
+        for method in messages.DESCRIPTOR.services_by_name["DevicePlugin"].methods:
+            request = getattr(messages, method.input_type.name)
+            response = getattr(messages, method.output_type.name)
+            call = channel.unary_stream if method.server_streaming else channel.unary_unary
+            setattr(self, method.name, call(
+                f"/{WIRE_PACKAGE}.DevicePlugin/{method.name}",
+                request_serializer=request.SerializeToString,
+                response_deserializer=response.FromString,
+            ))
+
+
 class Endpoint:
     """One registration: the channel to the plugin and what its stream said."""
 
-    def __init__(self, resource: str, socket_path: str, options: pb.DevicePluginOptions) -> None:
+    def __init__(self, resource: str, socket_path: str, options: Message, messages: Any) -> None:
         self.resource = resource
         self.socket_path = socket_path
         self.options = options
         self.channel = grpc.insecure_channel(f"unix://{socket_path}", options=CHANNEL_OPTIONS)
-        self.stub = pb_grpc.DevicePluginStub(self.channel)
+        if messages is pb:
+            self.stub = pb_grpc.DevicePluginStub(self.channel)
+        else:
+            self.stub = MethodPathStub(self.channel, messages)
         self.stream: grpc.Future | None = None
         self.closed = False
+
+    def dial(self, timeout: float) -> bool:
+        """A legacy kubelet's blocking dial: wait (up to `timeout`) until the
+        plugin's socket accepts a connection. (grpc.channel_ready_future would
+        do, but its polling adds up to 0.2 s.)"""
+        deadline = time.monotonic() + timeout
+        while not self.closed:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(self.socket_path)
+                    return True
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return False
 
     def close(self) -> None:
         self.closed = True
@@ -88,7 +157,7 @@ class ResourceState:
         self.stream_open = False
         self.stream_ends = 0
         self.endpoint: Endpoint | None = None
-        self.options: pb.DevicePluginOptions | None = None
+        self.options: Message | None = None  # a DevicePluginOptions of the stand-in's proto
         self.options_calls = 0
 
     @property
@@ -101,19 +170,28 @@ class ResourceState:
 
 
 class FakeKubelet(pb_grpc.RegistrationServicer):
-    def __init__(self, plugin_dir: str, legacy: bool = False, register_delay_s: float = 0.0) -> None:
+    def __init__(self, plugin_dir: str, legacy: bool = False, register_delay_s: float = 0.0,
+                 proto: str = "current") -> None:
+        if proto not in PROTOS:
+            raise ValueError(f"proto must be one of {sorted(PROTOS)}, not {proto!r}")
         self.plugin_dir = plugin_dir
         self.socket_path = os.path.join(plugin_dir, KUBELET_SOCKET)
-        self.legacy = legacy
+        self.proto = proto
+        self.messages = PROTOS[proto]  # the module whose messages this kubelet knows
+        # Kubelets before 1.25 register without dialling back; every pre-CDI
+        # proto here is such a kubelet's.
+        self.legacy = legacy or proto != "current"
         # Seconds Register sleeps before answering: a kubelet going away.
         self.register_delay_s = register_delay_s
         self.release = threading.Event()  # set to end every such delay at once
         self.register_calls = 0
         self.resources: dict[str, ResourceState] = {}
-        self.rejections: list[str] = []
+        self.rejections: list[str] = []  # errors Register answered
+        self.dial_failures: list[str] = []  # legacy: registrations dropped after Register returned
         self.cond = threading.Condition()
         self.server: grpc.Server | None = None
         self.generation = 0
+        self._dialing: set[Endpoint] = set()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -127,7 +205,17 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
             except FileNotFoundError:
                 pass
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        pb_grpc.add_RegistrationServicer_to_server(self, server)
+        if self.messages is pb:
+            pb_grpc.add_RegistrationServicer_to_server(self, server)
+        else:
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+                f"{WIRE_PACKAGE}.Registration",
+                {"Register": grpc.unary_unary_rpc_method_handler(
+                    self.Register,
+                    request_deserializer=self.messages.RegisterRequest.FromString,
+                    response_serializer=self.messages.Empty.SerializeToString,
+                )},
+            ),))
         server.add_insecure_port(f"unix://{self.socket_path}")
         server.start()
         with self.cond:
@@ -143,6 +231,8 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         with self.cond:
             server, self.server = self.server, None
             endpoints = [r.endpoint for r in self.resources.values() if r.endpoint]
+            endpoints += self._dialing
+            self._dialing = set()
             for state in self.resources.values():
                 state.endpoint = None
         if server is not None:
@@ -156,7 +246,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
 
     # -- the Registration service ---------------------------------------------
 
-    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
+    def Register(self, request: Message, context: grpc.ServicerContext) -> Message:
         generation = self.generation
         with self.cond:
             self.register_calls += 1
@@ -175,24 +265,54 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
             context.abort(grpc.StatusCode.UNKNOWN, error)
         if self.register_delay_s:
             self.release.wait(self.register_delay_s)
-        endpoint = Endpoint(
-            request.resource_name, os.path.join(self.plugin_dir, request.endpoint), request.options
-        )
-        if not self.legacy:
-            try:
-                endpoint.options = endpoint.stub.GetDevicePluginOptions(
-                    pb.Empty(), timeout=DIAL_BACK_TIMEOUT_S, wait_for_ready=True
-                )
-            except grpc.RpcError as e:
-                endpoint.close()
-                context.abort(grpc.StatusCode.UNKNOWN, f"failed to get device plugin options: {e.details()}")
-            with self.cond:
-                self.resources.setdefault(request.resource_name, ResourceState()).options_calls += 1
+        endpoint = Endpoint(request.resource_name, os.path.join(self.plugin_dir, request.endpoint),
+                            request.options, self.messages)
+        if self.legacy:
+            # Kubelets up to 1.24: answer now, dial and read the stream afterwards.
+            threading.Thread(target=self._dial_and_read, args=(endpoint, generation), daemon=True).start()
+            return self.messages.Empty()
+        try:
+            endpoint.options = endpoint.stub.GetDevicePluginOptions(
+                self.messages.Empty(), timeout=DIAL_BACK_TIMEOUT_S, wait_for_ready=True
+            )
+        except grpc.RpcError as e:
+            endpoint.close()
+            context.abort(grpc.StatusCode.UNKNOWN, f"failed to get device plugin options: {e.details()}")
+        with self.cond:
+            self.resources.setdefault(request.resource_name, ResourceState()).options_calls += 1
+        if not self._register_endpoint(endpoint, generation):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "kubelet is shutting down")
+        threading.Thread(target=self._read_stream, args=(endpoint,), daemon=True).start()
+        return self.messages.Empty()
+
+    def _dial_and_read(self, endpoint: Endpoint, generation: int) -> None:
+        """A legacy kubelet's registration after Register has returned: dial
+        (blocking, 10 s), record the endpoint, read its stream. A failed dial
+        is only logged by such a kubelet; the plugin never hears of it."""
         with self.cond:
             if generation != self.generation or self.server is None:
                 endpoint.close()
-                context.abort(grpc.StatusCode.UNAVAILABLE, "kubelet is shutting down")
-            state = self.resources.setdefault(request.resource_name, ResourceState())
+                return
+            self._dialing.add(endpoint)  # stop() closes it, which ends the dial
+        dialled = endpoint.dial(DIAL_BACK_TIMEOUT_S)
+        with self.cond:
+            self._dialing.discard(endpoint)
+            if not dialled and not endpoint.closed:
+                self.dial_failures.append(f"{endpoint.resource}: cannot dial {endpoint.socket_path}")
+                self.cond.notify_all()
+        if dialled and self._register_endpoint(endpoint, generation):
+            self._read_stream(endpoint)
+        else:
+            endpoint.close()
+
+    def _register_endpoint(self, endpoint: Endpoint, generation: int) -> bool:
+        """Make `endpoint` the resource's own, replacing (and closing) the old one;
+        False if the kubelet that took the Register call has gone since."""
+        with self.cond:
+            if generation != self.generation or self.server is None:
+                endpoint.close()
+                return False
+            state = self.resources.setdefault(endpoint.resource, ResourceState())
             old, state.endpoint = state.endpoint, endpoint
             state.options = endpoint.options
             state.registrations += 1
@@ -201,13 +321,12 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
             self.cond.notify_all()
         if old is not None:
             old.close()
-        threading.Thread(target=self._read_stream, args=(endpoint,), daemon=True).start()
-        return pb.Empty()
+        return True
 
     def _read_stream(self, endpoint: Endpoint) -> None:
         state = self.resources[endpoint.resource]
         try:
-            stream = endpoint.stub.ListAndWatch(pb.Empty(), wait_for_ready=True)
+            stream = endpoint.stub.ListAndWatch(self.messages.Empty(), wait_for_ready=True)
             endpoint.stream = stream
             if endpoint.closed:
                 stream.cancel()
@@ -260,16 +379,20 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
             return True
         return self.wait_for(ready, timeout)
 
-    def allocate(self, resource: str, containers: list[list[str]], timeout: float = 5.0) -> pb.AllocateResponse:
+    def allocate(self, resource: str, containers: list[list[str]], timeout: float = 5.0) -> Message:
+        """Allocate as this kubelet does; the AllocateResponse is of its proto."""
         with self.cond:
             endpoint = self.resources[resource].endpoint
         assert endpoint is not None, f"{resource} is not registered"
-        request = pb.AllocateRequest(
-            container_requests=[pb.ContainerAllocateRequest(devices_ids=ids) for ids in containers]
+        m = self.messages
+        request = m.AllocateRequest(
+            container_requests=[m.ContainerAllocateRequest(devices_ids=ids) for ids in containers]
         )
         return endpoint.stub.Allocate(request, timeout=timeout)
 
-    def stub(self, resource: str) -> pb_grpc.DevicePluginStub:
+    def stub(self, resource: str) -> pb_grpc.DevicePluginStub | MethodPathStub:
+        """The resource's DevicePlugin client: the generated stub for the current
+        proto, a MethodPathStub (only the rpcs that proto has) for an older one."""
         with self.cond:
             endpoint = self.resources[resource].endpoint
         assert endpoint is not None, f"{resource} is not registered"

@@ -24,7 +24,7 @@ import pytest
 
 import deviceplugin_pb2 as pb
 import kvm_device_plugin as kdp
-from fake_kubelet import FakeKubelet
+from fake_kubelet import FakeKubelet, unknown_fields
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "kvm_device_plugin.py")
@@ -32,6 +32,14 @@ DOMAIN = "devices.kubevirt.io"
 DEFAULT = ("kvm", "tun", "vhost-net")
 NODES = {"kvm": ("dev/kvm", 232), "tun": ("dev/net/tun", 200), "vhost-net": ("dev/vhost-net", 238)}
 WAIT_S = 10.0  # upper bound for anything that should take milliseconds
+# FakeKubelet keyword arguments for each kubelet generation the plugin must serve.
+KUBELETS = {
+    "current": {},  # 1.25 and later: Register dials back and calls GetDevicePluginOptions
+    "legacy": {"legacy": True},  # 1.10 to 1.24: Register returns at once, options from RegisterRequest
+    "pre_cdi": {"proto": "pre_cdi"},  # 1.18's proto: no GetPreferredAllocation, no cdi_devices; legacy
+}
+# The registration, restart and allocation tests run against both registration flavours.
+every_kubelet = pytest.mark.parametrize("kubelet", ["current", "legacy"], indirect=True)
 
 
 def resource(name: str) -> str:
@@ -57,11 +65,11 @@ def mknod(path: str, minor: int, major: int = 10) -> None:
 class Env:
     """A device-plugins directory, a host root with device nodes, a kubelet."""
 
-    def __init__(self) -> None:
+    def __init__(self, kubelet: str = "current") -> None:
         self.root = tempfile.mkdtemp(prefix="kdp")
         self.plugin_dir = os.path.join(self.root, "dp")
         self.host = os.path.join(self.root, "host")
-        self.kubelet = FakeKubelet(self.plugin_dir)
+        self.kubelet = FakeKubelet(self.plugin_dir, **KUBELETS[kubelet])
         self.plugins: list[PluginProcess] = []
         for path, minor in NODES.values():
             mknod(self.node(path), minor)
@@ -124,8 +132,14 @@ class PluginProcess:
 
 
 @pytest.fixture
-def env():
-    environment = Env()
+def kubelet(request) -> str:
+    """The kubelet generation: "current" unless a test parametrizes it (indirect=True)."""
+    return getattr(request, "param", "current")
+
+
+@pytest.fixture
+def env(kubelet):
+    environment = Env(kubelet)
     yield environment
     environment.close()
 
@@ -165,6 +179,7 @@ def wait_health(env: Env, name: str, health: str) -> bool:
 # ---------------------------------------------------------------------------
 
 
+@every_kubelet
 def test_registers_every_resource_with_deterministic_ids_and_true_health(env):
     env.kubelet.start()
     plugin = env.start_plugin()  # --count defaults to 110
@@ -174,8 +189,8 @@ def test_registers_every_resource_with_deterministic_ids_and_true_health(env):
         state = env.kubelet.state(resource(name))
         assert sorted(state.devices) == sorted(f"{name}{i}" for i in range(110))
         assert set(state.devices.values()) == {expected_health(name)}, plugin.log()
-        # kubelet 1.25+ reads GetDevicePluginOptions; both options off.
-        assert state.options_calls == 1
+        # kubelet 1.25+ reads GetDevicePluginOptions, older ones RegisterRequest.options; both off.
+        assert state.options_calls == (0 if env.kubelet.legacy else 1)
         assert not state.options.pre_start_required
         assert not state.options.get_preferred_allocation_available
     plugin.wait_log(r"devices\.kubevirt\.io/kvm: registered with the kubelet after \d+ ms")
@@ -250,6 +265,7 @@ def test_wrong_device_number_is_unhealthy_with_expected_and_found(env):
 # ---------------------------------------------------------------------------
 
 
+@every_kubelet
 def test_allocate_one_container_gets_the_node_path_not_the_host_root(running):
     response = running.kubelet.allocate(resource("tun"), [["tun1"]])
     assert len(response.container_responses) == 1
@@ -259,6 +275,7 @@ def test_allocate_one_container_gets_the_node_path_not_the_host_root(running):
     running.plugin.wait_log(r"devices\.kubevirt\.io/tun: allocated tun1")
 
 
+@every_kubelet
 def test_allocate_several_containers_with_configured_permissions(env):
     env.kubelet.start()
     plugin = env.start_plugin("--count", "3", "--devices", "kvm", "--permissions", "rwm")
@@ -278,6 +295,7 @@ def test_allocate_several_containers_with_configured_permissions(env):
     ([], r"devices\.kubevirt\.io/kvm: AllocateRequest has no container requests"),
     ([["kvm0"], []], r"devices\.kubevirt\.io/kvm: container request 1 has no device IDs"),
 ])
+@every_kubelet
 def test_allocate_rejects_bad_requests(running, containers, message):
     with pytest.raises(grpc.RpcError) as caught:
         running.kubelet.allocate(resource("kvm"), containers)
@@ -335,6 +353,7 @@ def test_socket_path_too_long_is_a_clear_startup_error(env):
 # ---------------------------------------------------------------------------
 
 
+@every_kubelet
 def test_sigterm_sends_empty_list_removes_sockets_and_exits_0(running):
     sockets_before = set(os.listdir(running.plugin_dir))
     assert {kdp.plugin_socket_name(n) for n in DEFAULT} <= sockets_before
@@ -352,6 +371,7 @@ def test_sigterm_sends_empty_list_removes_sockets_and_exits_0(running):
 # ---------------------------------------------------------------------------
 
 
+@every_kubelet
 def test_restarts_reregister_once_each_without_leaking(running):
     names = [resource(n) for n in DEFAULT]
     kubelet, plugin = running.kubelet, running.plugin
@@ -375,6 +395,7 @@ def test_restarts_reregister_once_each_without_leaking(running):
     plugin.wait_log(r"devices\.kubevirt\.io/kvm: registered again with the kubelet after \d+ ms")
 
 
+@every_kubelet
 def test_reregisters_when_the_kubelet_ends_the_stream(running):
     state = running.kubelet.state(resource("tun"))
     running.kubelet.end_stream(resource("tun"))
@@ -391,6 +412,7 @@ def test_reregisters_when_its_socket_is_deleted(running):
     running.plugin.wait_log(r"devices\.kubevirt\.io/kvm: registering again: plugin socket was deleted")
 
 
+@every_kubelet
 def test_crashed_kubelet_refusing_connections_is_retried_and_logged_once(running):
     names = [resource(n) for n in DEFAULT]
     running.kubelet.stop()
@@ -430,6 +452,7 @@ def test_late_kubelet_is_registered_when_it_appears(env):
     plugin.wait_log(r"kubelet appeared")
 
 
+@every_kubelet
 def test_stale_sockets_of_a_killed_run_are_replaced(running):
     running.plugin.proc.kill()
     running.plugin.proc.wait()
@@ -896,3 +919,31 @@ def test_allocate_names_cdi_only_while_the_spec_is_in_place(with_cdi):
     (container,) = response.container_responses
     assert not container.cdi_devices
     assert [d.host_path for d in container.devices] == ["/dev/kvm"]  # the DeviceSpec stays
+
+
+# ---------------------------------------------------------------------------
+# Older kubelets' protos
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kubelet", ["pre_cdi"], indirect=True)
+def test_a_pre_cdi_kubelet_parses_every_answer_and_gets_the_device_spec(env):
+    # Kubelet 1.18 knows neither GetPreferredAllocation nor cdi_devices; CDI is
+    # on, so the plugin sends field 5, which such a kubelet keeps as unknown
+    # and ignores.
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "3", "--devices", "kvm", "--cdi-spec-dir", os.path.join(env.root, "cdi"))
+    assert env.kubelet.wait_registered([resource("kvm")], 3), plugin.log()
+    state = env.kubelet.state(resource("kvm"))
+    assert state.options_calls == 0  # options from RegisterRequest, as 1.18 reads them
+    assert not state.options.pre_start_required and unknown_fields(state.options) == []
+    assert set(state.devices.values()) == {expected_health("kvm")}
+    response = env.kubelet.allocate(resource("kvm"), [["kvm0"], ["kvm1", "kvm2"]])
+    assert [[(d.host_path, d.container_path, d.permissions) for d in c.devices]
+            for c in response.container_responses] == [[("/dev/kvm", "/dev/kvm", kdp.resolve_permissions("auto"))]] * 2
+    assert unknown_fields(response) == ["container_responses.5"]  # cdi_devices, ignored
+    assert not hasattr(env.kubelet.stub(resource("kvm")), "GetPreferredAllocation")
+    env.kubelet.restart()
+    assert env.kubelet.wait_registered([resource("kvm")], 3, min_registrations=2), plugin.log()
+    assert env.kubelet.allocate(resource("kvm"), [["kvm2"]]).container_responses[0].devices
+    assert plugin.terminate() == 0
