@@ -67,8 +67,10 @@ def resource_name_error(name: str) -> str | None:
         return f"resource name {name!r} is not of the form domain/name"
     if not re.fullmatch(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*", domain) or len(domain) > 253:
         return f"resource domain {domain!r} is not a DNS subdomain"
-    if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
-        return f"resource name {name!r} is under kubernetes.io"
+    if "kubernetes.io/" in name:  # the kubelet's test for its own (native) resources
+        return f"resource name {name!r} is a native kubernetes.io resource"
+    if name.startswith("requests."):
+        return f"resource name {name!r} starts with the quota prefix requests."
     if len(short) > 63 or not re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", short):
         return f"resource name part {short!r} is not a qualified name"
     return None

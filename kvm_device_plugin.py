@@ -32,10 +32,10 @@ That, and telling the truth about whether a device is really there, is most of
 this file.
 
 The file reads top to bottom: constants and the device table; device node
-checks; the file watcher; the DevicePlugin servicer; registration and the
-lifecycle loop; the command line. Everything runs on one asyncio event loop
-(grpc.aio): streams, file watches, signals and timers, with no worker threads
-and no locks.
+checks; the file watcher; CDI spec files; the DevicePlugin servicer and its
+registration; the lifecycle loop; probes and metrics; the command line.
+Everything runs on one asyncio event loop (grpc.aio): streams, file watches,
+signals and timers, with no worker threads and no locks.
 """
 
 from __future__ import annotations
@@ -100,6 +100,17 @@ RECHECK_S = 5.0
 POLL_WITHOUT_INOTIFY_S = 1.0
 # On SIGTERM, streams get this long to deliver their last (empty) list.
 SHUTDOWN_GRACE_S = 1.0
+# The kubelet opens ListAndWatch right after Register; one that has not done so
+# by then lost the registration somewhere, and only a new one helps.
+STREAM_EXPECTED_WITHIN_S = 10.0
+# A stream that ends sooner than this after registering is not a kubelet
+# restart but a kubelet refusing us: wait before trying again, do not spin.
+STREAM_MIN_LIFE_S = 1.0
+# /healthz asks each server GetDevicePluginOptions with this deadline; a
+# request to the status endpoint must arrive whole within the other.
+SELF_CHECK_TIMEOUT_S = 2.0
+HTTP_REQUEST_TIMEOUT_S = 5.0
+HTTP_MAX_HEADERS = 100
 
 # Neither PreStartContainer nor GetPreferredAllocation is useful for devices
 # that any number of containers may share. The kubelet reads these options from
@@ -150,7 +161,11 @@ DEFAULT_DEVICES = ("kvm", "tun", "vhost-net")
 
 class Verdict(NamedTuple):
     healthy: bool
-    reason: str
+    reason: str  # why not, or what was verified
+
+    @property
+    def state(self) -> str:
+        return HEALTHY if self.healthy else UNHEALTHY
 
 
 def read_proc_misc(path: str = PROC_MISC) -> dict[str, int] | None:
@@ -253,6 +268,9 @@ class NodeChecker:
                     "cannot open %s (%s): checking its device number and %s only",
                     kind.path, detail, PROC_MISC,
                 )
+            if misc is None:
+                return Verdict(True, f"node {MISC_MAJOR}:{expected_minor} present "
+                                     f"(driver not verifiable: {PROC_MISC} unreadable)")
             if not driver_listed:
                 return Verdict(
                     False, f"driver not loaded: minor {expected_minor} not in {PROC_MISC} ({load})"
@@ -320,6 +338,8 @@ def file_identity(path: str) -> tuple[int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
+IN_ATTRIB = 0x4
+IN_CLOSE_WRITE = 0x8
 IN_MOVED_FROM = 0x40
 IN_MOVED_TO = 0x80
 IN_CREATE = 0x100
@@ -332,7 +352,8 @@ IN_ONLYDIR = 0x1000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 WATCH_MASK = (
-    IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+    IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_CLOSE_WRITE | IN_ATTRIB
+    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 )
 WAKE_ALWAYS = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
 EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len; then the name
@@ -361,7 +382,8 @@ class DirectoryWatcher:
             self._libc = ctypes.CDLL(None, use_errno=True)
             fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         except (OSError, AttributeError) as e:
-            log.warning("inotify is unavailable (%s): polling every %.0f s instead", e, POLL_WITHOUT_INOTIFY_S)
+            log.warning("inotify is unavailable (%s): polling every %.0f s instead",
+                        e, POLL_WITHOUT_INOTIFY_S)
             return False
         if fd < 0:
             err = ctypes.get_errno()
@@ -478,6 +500,8 @@ class CdiSpec:
             os.makedirs(directory, exist_ok=True)
             with open(temporary, "wb") as f:
                 f.write(self.content)
+                f.flush()
+                os.fsync(f.fileno())  # no empty spec after a crash
             # rename() replaces the file in one step: a runtime reading the
             # directory never sees half a spec.
             os.rename(temporary, self.path)
@@ -498,7 +522,7 @@ class CdiSpec:
 
 
 # ---------------------------------------------------------------------------
-# The DevicePlugin servicer
+# The DevicePlugin servicer and its registration
 #
 # One instance per resource. It owns that resource's gRPC server, its socket,
 # its open ListAndWatch streams, its health verdict and its registration
@@ -521,28 +545,26 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         permissions: str,
         plugin_dir: str,
         host_root: str,
-        wake: Callable[[], None],
         cdi_spec_dir: str | None = None,
     ) -> None:
         self.kind = kind
         self.resource_name = resource_name
         self.count = count
-        self.plugin_dir = plugin_dir
         self.socket_name = plugin_socket_name(kind.name)
         self.socket_path = os.path.join(plugin_dir, self.socket_name)
         self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET)
         self.checker = NodeChecker(kind, host_root)
-        self.wake = wake
+        self.wake: Callable[[], None] = lambda: None  # the lifecycle loop's, set by Daemon
 
         self.cdi = CdiSpec(cdi_spec_dir, resource_name, kind, permissions) if cdi_spec_dir else None
         # The kubelet gets the node's own path, never the host-root-prefixed
         # one we look at: the runtime creates the node from the host's path.
         device = pb.DeviceSpec(container_path=kind.path, host_path=kind.path, permissions=permissions)
         self._container_response = pb.ContainerAllocateResponse(devices=[device])
-        self._container_response_cdi = pb.ContainerAllocateResponse(
-            devices=[device],
-            cdi_devices=[pb.CDIDevice(name=self.cdi.device_name)] if self.cdi else [],
-        )
+        if self.cdi is not None:
+            self._container_response_cdi = pb.ContainerAllocateResponse(
+                devices=[device], cdi_devices=[pb.CDIDevice(name=self.cdi.device_name)]
+            )
         self.verdict = Verdict(False, "not checked yet")
         # Built on first use and kept: with --count 100000 building a list
         # takes a few hundred milliseconds, and health flaps back and forth.
@@ -552,10 +574,12 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         self.generation = 0  # bumped for every fresh server
         self.bound_socket: tuple[int, int, int] | None = None
         self.streams: set[asyncio.Event] = set()
+        self.stream_seen = False  # the kubelet opened ListAndWatch on this server
         self.stream_ended = False
         self.stopping = False
 
         self.registered_with: tuple[int, int, int] | None = None  # kubelet.sock identity
+        self.registered_at = 0.0  # time.monotonic() of the last registration
         self.registration: asyncio.Task | None = None
         self.registration_target: tuple[int, int, int] | None = None
         self.outage_started: float | None = None  # when registering became necessary
@@ -574,7 +598,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         restart. Topology stays unset: these devices have no NUMA affinity, and
         a NUMA hint could make a single-numa-node policy reject pods.
         """
-        health = HEALTHY if self.verdict.healthy else UNHEALTHY
+        health = self.verdict.state
         if health not in self._lists:
             self._lists[health] = pb.ListAndWatchResponse(
                 devices=[pb.Device(ID=f"{self.kind.name}{i}", health=health) for i in range(self.count)]
@@ -586,8 +610,8 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         if verdict == self.verdict:
             return
         self.verdict = verdict
-        state = HEALTHY if verdict.healthy else UNHEALTHY
-        log.log(logging.INFO if verdict.healthy else logging.WARNING, "%s: %d devices %s: %s", self.resource_name, self.count, state, verdict.reason)
+        log.log(logging.INFO if verdict.healthy else logging.WARNING,
+                "%s: %d devices %s: %s", self.resource_name, self.count, verdict.state, verdict.reason)
         for changed in self.streams:
             changed.set()
 
@@ -607,6 +631,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         changed = asyncio.Event()
         generation = self.generation
         self.streams.add(changed)
+        self.stream_seen = True
         log.debug("%s: kubelet opened ListAndWatch", self.resource_name)
         try:
             while not self.stopping:
@@ -644,8 +669,10 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         self.allocations += len(request.container_requests)
         ids = ",".join(i for c in request.container_requests for i in c.devices_ids)
         log.info("%s: allocated %s", self.resource_name, ids)
-        with_cdi = self.cdi is not None and self.cdi.in_place()
-        response = self._container_response_cdi if with_cdi else self._container_response
+        if self.cdi is not None and self.cdi.in_place():
+            response = self._container_response_cdi
+        else:
+            response = self._container_response
         return pb.AllocateResponse(container_responses=[response] * len(request.container_requests))
 
     def allocation_refusal(self, request: pb.AllocateRequest) -> tuple[grpc.StatusCode, str] | None:
@@ -655,7 +682,8 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             return grpc.StatusCode.INVALID_ARGUMENT, f"{name}: AllocateRequest has no container requests"
         for index, container in enumerate(request.container_requests):
             if not container.devices_ids:
-                return grpc.StatusCode.INVALID_ARGUMENT, f"{name}: container request {index} has no device IDs"
+                return (grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{name}: container request {index} has no device IDs")
             for device_id in container.devices_ids:
                 if not self.is_known_id(device_id):
                     return grpc.StatusCode.INVALID_ARGUMENT, (
@@ -669,12 +697,12 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         return None
 
     def is_known_id(self, device_id: str) -> bool:
-        prefix = self.kind.name
-        number = device_id[len(prefix):]
+        prefix, number = self.kind.name, device_id[len(self.kind.name):]
+        # ASCII digits without a leading zero: "kvm01" is not "kvm1", and a
+        # kubelet never sends "kvm²" or a 5000-digit number.
         return (
             device_id.startswith(prefix)
-            and number.isdigit()
-            and number == str(int(number))  # "kvm01" is not "kvm1"
+            and re.fullmatch(r"0|[1-9][0-9]{0,5}", number, re.ASCII) is not None
             and int(number) < self.count
         )
 
@@ -694,6 +722,8 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             return "plugin socket was deleted"
         if self.stream_ended:
             return "kubelet ended the ListAndWatch stream"
+        if not self.stream_seen and time.monotonic() - self.registered_at > STREAM_EXPECTED_WITHIN_S:
+            return f"kubelet opened no ListAndWatch stream within {STREAM_EXPECTED_WITHIN_S:.0f} s"
         return None
 
     def reconcile_registration(self, kubelet: tuple[int, int, int] | None) -> None:
@@ -710,9 +740,15 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             self.outage_started = time.monotonic()
         if self.registrations:
             log.info("%s: registering again: %s", self.resource_name, reason)
+        # A kubelet (the same one: a new one is always served at once) that
+        # ends every stream right after registering would otherwise have us
+        # register again at full speed, forever.
+        refused = self.registered_with == kubelet and self.stream_ended
+        short_lived = time.monotonic() - self.registered_at < STREAM_MIN_LIFE_S
+        pause = RETRY_MAX_S if refused and short_lived else 0.0
         self.registration_target = kubelet
         self.registered_with = None
-        self.registration = asyncio.create_task(self._register(kubelet))
+        self.registration = asyncio.create_task(self._register(kubelet, pause))
 
     async def restart_server(self) -> None:
         """Stop the old server, then serve afresh on the same path.
@@ -728,13 +764,15 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             os.unlink(self.socket_path)  # stale, from a killed earlier run
         except FileNotFoundError:
             pass
-        self.generation += 1
-        self.stream_ended = False
+        self.stream_seen = self.stream_ended = False
         server = grpc.aio.server()
         pb_grpc.add_DevicePluginServicer_to_server(self, server)
-        server.add_insecure_port(f"unix://{self.socket_path}")
-        await server.start()
+        server.add_insecure_port(f"unix://{self.socket_path}")  # binds the path now
+        # Held before the first await: a registration cancelled during start()
+        # must leave a server the next stop_server() stops, not an orphan that
+        # deletes its successor's socket when it is garbage-collected.
         self.server = server
+        await server.start()
         self.bound_socket = file_identity(self.socket_path)
 
     async def stop_server(self, grace: float | None) -> None:
@@ -753,11 +791,12 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             except FileNotFoundError:
                 pass
 
-    async def _register(self, kubelet: tuple[int, int, int]) -> None:
+    async def _register(self, kubelet: tuple[int, int, int], pause: float) -> None:
         delay = RETRY_FIRST_S
         last_error = ""
         served = False
         try:
+            await asyncio.sleep(pause)
             while True:
                 if file_identity(self.kubelet_socket) != kubelet:
                     # That kubelet is gone; the lifecycle loop starts afresh
@@ -787,14 +826,14 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
             self.registered_with = kubelet
+            self.registered_at = time.monotonic()
             took_ms = (time.monotonic() - (self.outage_started or time.monotonic())) * 1000
             self.outage_started = None
             again = "again " if self.registrations else ""
             self.registrations += 1
             log.info(
                 "%s: registered %swith the kubelet after %.0f ms (%d devices %s)",
-                self.resource_name, again, took_ms, self.count,
-                HEALTHY if self.verdict.healthy else UNHEALTHY,
+                self.resource_name, again, took_ms, self.count, self.verdict.state,
             )
         finally:
             self.wake()  # the socket or the kubelet may have changed meanwhile
@@ -825,7 +864,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
 
 
 # ---------------------------------------------------------------------------
-# Registration and the lifecycle loop
+# The lifecycle loop
 #
 # One loop reconciles everything: on every wake-up (inotify, a stream ending, a
 # registration finishing, a signal, or the periodic safety net) it re-checks
@@ -836,17 +875,18 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
 
 
 class Daemon:
-    def __init__(self, plugins: list[DevicePlugin], plugin_dir: str, host_root: str,
+    def __init__(self, plugins: list[DevicePlugin], plugin_dir: str,
                  status_port: int | None = None) -> None:
         self.plugins = plugins
+        for plugin in plugins:
+            plugin.wake = self.wake
         self.plugin_dir = plugin_dir
         self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET)
-        self.host_root = host_root
         self.woken = asyncio.Event()
         self.stop_requested = False
         self.exit_code = 0
         self.lock_fd = -1
-        self.lock_identity: tuple[int, int, int] | None = None
+        self.lock_identity: tuple[int, int] | None = None  # (device, inode) of the locked directory
         self.kubelet: tuple[int, int, int] | None = None
         self.waiting_logged = False
         watched = [self.kubelet_socket]
@@ -906,11 +946,9 @@ class Daemon:
                 log.error("cannot serve metrics on port %d: %s", self.status.port, e.strerror)
                 return 1
         try:
-            while True:
+            while not self.stop_requested:
                 self.woken.clear()
                 self.reconcile()
-                if self.stop_requested:
-                    break
                 try:
                     await asyncio.wait_for(self.woken.wait(), timeout=self.poll_s)
                 except asyncio.TimeoutError:
@@ -927,8 +965,6 @@ class Daemon:
         misc = read_proc_misc()
         for plugin in self.plugins:
             plugin.refresh_health(misc)
-            if plugin.cdi is not None:
-                plugin.cdi.refresh()
         if self.watcher.fd >= 0 and not self.watcher.sync():
             self.poll_s = POLL_WITHOUT_INOTIFY_S
         if not os.path.isdir(self.plugin_dir):
@@ -938,6 +974,10 @@ class Daemon:
             return
         if not self.hold_lock():
             return
+        # Only the instance holding the lock writes anything, CDI specs included.
+        for plugin in self.plugins:
+            if plugin.cdi is not None:
+                plugin.cdi.refresh()
         kubelet = file_identity(self.kubelet_socket)
         self.note_kubelet(kubelet, f"{self.kubelet_socket} does not exist")
         for plugin in self.plugins:
@@ -964,7 +1004,13 @@ class Daemon:
         silently (binding a unix socket path replaces what is there), and a
         check whether a socket answers races when both start together.
         """
-        identity = file_identity(self.plugin_dir)
+        try:
+            st = os.stat(self.plugin_dir)
+        except OSError:
+            return False
+        # Device and inode only: a directory's ctime changes with every file
+        # created in it, and re-locking then would open a gap for a rival.
+        identity = (st.st_dev, st.st_ino)
         if self.lock_fd >= 0 and identity == self.lock_identity:
             return True
         if self.lock_fd >= 0:
@@ -1003,10 +1049,6 @@ class Daemon:
 # asyncio's own streams serve it: http.server would need a thread.
 # ---------------------------------------------------------------------------
 
-SELF_CHECK_TIMEOUT_S = 2.0
-HTTP_READ_TIMEOUT_S = 5.0
-
-
 class StatusEndpoint:
     def __init__(self, daemon: Daemon, port: int) -> None:
         self.daemon = daemon
@@ -1023,9 +1065,7 @@ class StatusEndpoint:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request_line = await asyncio.wait_for(reader.readline(), HTTP_READ_TIMEOUT_S)
-            while (await asyncio.wait_for(reader.readline(), HTTP_READ_TIMEOUT_S)).strip():
-                pass  # headers: nothing in them matters here
+            request_line = await asyncio.wait_for(self._read_request(reader), HTTP_REQUEST_TIMEOUT_S)
             method, _, rest = request_line.decode("latin-1").partition(" ")
             path = rest.split(" ", 1)[0].split("?", 1)[0]
             if method != "GET":
@@ -1048,10 +1088,19 @@ class StatusEndpoint:
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
             )
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass  # a half-open or garbled request: drop it, keep serving
+        except (asyncio.TimeoutError, ConnectionError, ValueError):
+            pass  # slow, half-open, overlong or garbled: drop it, keep serving
         finally:
             writer.close()
+
+    @staticmethod
+    async def _read_request(reader: asyncio.StreamReader) -> bytes:
+        """The request line; the headers are read and ignored (none matters here)."""
+        request_line = await reader.readline()  # ValueError past 64 KiB
+        for _ in range(HTTP_MAX_HEADERS):
+            if not (await reader.readline()).strip():
+                return request_line
+        raise ValueError("too many header lines")
 
     def metrics(self) -> str:
         plugins = self.daemon.plugins
@@ -1090,10 +1139,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
+    value = int(text) if re.fullmatch(r"[0-9]{1,6}", text, re.ASCII) else 0
     if not 1 <= value <= MAX_COUNT:
         raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_COUNT}, got {text!r}")
     return value
@@ -1111,7 +1157,7 @@ def parse_devices(text: str) -> list[str]:
 
 
 def parse_port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not re.fullmatch(r"[0-9]{1,5}", text, re.ASCII) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
     return int(text)
 
@@ -1120,16 +1166,19 @@ DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 
 
 def parse_domain(text: str) -> str:
-    # The kubelet rejects extended resource names whose domain is not a DNS
-    # subdomain or lies under kubernetes.io; say so before registering.
+    # The kubelet takes only extended resource names: a DNS subdomain, nothing
+    # ending in "kubernetes.io" (its own resources), not starting with
+    # "requests." (quota's prefix), and short enough that "requests.<domain>"
+    # is still a valid prefix (253 characters). Say so before registering.
     if (
-        len(text) > 253
-        or not re.fullmatch(rf"{DNS_LABEL}(\.{DNS_LABEL})*", text)
-        or text == "kubernetes.io"
-        or text.endswith(".kubernetes.io")
+        len(text) > 253 - len("requests.")
+        or not re.fullmatch(rf"{DNS_LABEL}(\.{DNS_LABEL})*", text, re.ASCII)
+        or text.endswith("kubernetes.io")
+        or text.startswith("requests.")
     ):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a DNS subdomain outside kubernetes.io"
+            f"{text!r} is not a DNS subdomain of at most 244 characters outside kubernetes.io "
+            "and requests."
         )
     return text
 
@@ -1177,14 +1226,18 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(TextFormatter):
-    """One JSON object per line: {"time", "level", "message"}."""
+    """One JSON object per line: {"time", "level", "message"}, and "exception"
+    with the traceback when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({
+        entry = {
             "time": self.formatTime(record),
             "level": record.levelname.lower(),
             "message": record.getMessage(),
-        })
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def resolve_permissions(choice: str) -> str:
@@ -1202,8 +1255,7 @@ def run_check(devices: list[str], host_root: str) -> int:
         kind = DEVICE_TABLE[name]
         verdict = NodeChecker(kind, host_root).check(misc)
         all_healthy &= verdict.healthy
-        state = HEALTHY if verdict.healthy else UNHEALTHY
-        print(f"{name:<12} {kind.path:<18} {state:<10} {verdict.reason}")
+        print(f"{name:<12} {kind.path:<18} {verdict.state:<10} {verdict.reason}")
     return 0 if all_healthy else 1
 
 
@@ -1229,16 +1281,15 @@ def main(argv: list[str] | None = None) -> int:
     permissions = resolve_permissions(args.permissions)
 
     async def serve() -> int:
-        daemon: Daemon
         plugins = [
             DevicePlugin(
                 DEVICE_TABLE[name], f"{args.resource_domain}/{name}", args.count,
-                permissions, plugin_dir, host_root, lambda: daemon.wake(),
+                permissions, plugin_dir, host_root,
                 os.path.abspath(args.cdi_spec_dir) if args.cdi_spec_dir else None,
             )
             for name in args.devices
         ]
-        daemon = Daemon(plugins, plugin_dir, host_root, args.metrics_port)
+        daemon = Daemon(plugins, plugin_dir, args.metrics_port)
         log.info(
             "serving %s with %d devices each (permissions %s, host root %s, plugin dir %s)",
             ", ".join(p.resource_name for p in plugins), args.count, permissions, host_root, plugin_dir,

@@ -292,6 +292,8 @@ def test_allocate_several_containers_with_configured_permissions(env):
     ([["kvm01"]], r"unknown device ID 'kvm01'"),
     ([["tun0"]], r"unknown device ID 'tun0'"),
     ([["kvm0", ""]], r"unknown device ID ''"),
+    ([["kvm\u00b2"]], r"unknown device ID 'kvm\u00b2'"),  # a superscript digit
+    ([["kvm" + "9" * 5000]], r"unknown device ID 'kvm9999"),
     ([], r"devices\.kubevirt\.io/kvm: AllocateRequest has no container requests"),
     ([["kvm0"], []], r"devices\.kubevirt\.io/kvm: container request 1 has no device IDs"),
 ])
@@ -326,8 +328,13 @@ def test_allocate_of_an_unhealthy_device_fails_admission_with_the_reason(running
     (["--devices", "kvm,gpu"], r"--devices: unknown device 'gpu'; known: kvm, tun, vhost-net"),
     (["--devices", ""], r"--devices: unknown device ''"),
     (["--permissions", "rwx"], r"--permissions: invalid choice: 'rwx'"),
-    (["--resource-domain", "kubernetes.io"], r"not a DNS subdomain outside kubernetes.io"),
+    (["--count", "5_0"], r"--count: must be a whole number from 1 to 100000, got '5_0'"),
+    (["--count", "\u0665"], r"--count: must be a whole number from 1 to 100000"),  # Arabic-Indic 5
+    (["--resource-domain", "kubernetes.io"], r"not a DNS subdomain .* outside kubernetes.io"),
+    (["--resource-domain", "mykubernetes.io"], r"outside kubernetes.io"),
+    (["--resource-domain", "requests.example.com"], r"outside kubernetes.io and requests\."),
     (["--resource-domain", "Bad_Domain"], r"not a DNS subdomain"),
+    (["--metrics-port", "70000"], r"--metrics-port: must be a port number from 1 to 65535"),
     (["--log-level", "loud"], r"--log-level: invalid choice"),
     (["--bogus"], r"unrecognized arguments: --bogus"),
 ])
@@ -947,3 +954,16 @@ def test_a_pre_cdi_kubelet_parses_every_answer_and_gets_the_device_spec(env):
     assert env.kubelet.wait_registered([resource("kvm")], 3, min_registrations=2), plugin.log()
     assert env.kubelet.allocate(resource("kvm"), [["kvm2"]]).container_responses[0].devices
     assert plugin.terminate() == 0
+
+
+def test_garbage_on_the_status_port_is_dropped_and_serving_goes_on(served):
+    for garbage in (b"\x00\xff" * 10 + b"\r\n\r\n", b"GET /" + b"a" * 70000 + b"\r\n\r\n",
+                    b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", b"GET"):
+        with socket.create_connection(("127.0.0.1", served.port), timeout=5) as conn:
+            conn.sendall(garbage)
+            conn.shutdown(socket.SHUT_WR)
+            conn.settimeout(5)
+            while conn.recv(65536):
+                pass
+    assert http_get(served.port, "/readyz") == (200, "ready\n")
+    assert "Traceback" not in served.plugin.log() and "ERROR" not in served.plugin.log()
