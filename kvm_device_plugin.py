@@ -616,6 +616,8 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             changed.set()
 
     # -- the DevicePlugin service -------------------------------------------------
+    # Every handler returns a message (gRPC turns a None into INTERNAL); a
+    # refusal goes through context.abort() with a status and a message.
 
     async def GetDevicePluginOptions(self, request, context):
         return PLUGIN_OPTIONS
@@ -1002,7 +1004,9 @@ class Daemon:
 
         Two instances on one directory would replace each other's sockets
         silently (binding a unix socket path replaces what is there), and a
-        check whether a socket answers races when both start together.
+        check whether a socket answers races when both start together. The
+        lock is on the directory itself: the kubelet's directory holds no file
+        of ours but our sockets.
         """
         try:
             st = os.stat(self.plugin_dir)
