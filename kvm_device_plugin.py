@@ -93,6 +93,10 @@ REGISTER_TIMEOUT_S = 20.0
 # then at most once a second, and only call it a problem once it has lasted.
 RETRY_FIRST_S = 0.001
 RETRY_MAX_S = 1.0
+# Channels to one address share one connection and its ~1 s reconnect
+# backoff after a refused connect; a channel made just before the kubelet
+# listens would delay every later one. Each channel gets its own instead.
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 # Safety net for a missed inotify event, an overflowed inotify queue, and the
 # only way to see a kernel module loaded later (/proc/misc cannot be watched).
 RECHECK_S = 5.0
@@ -381,16 +385,12 @@ class DirectoryWatcher:
         try:
             self._libc = ctypes.CDLL(None, use_errno=True)
             fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        except (OSError, AttributeError) as e:
-            log.warning("inotify is unavailable (%s): polling every %.0f s instead",
-                        e, POLL_WITHOUT_INOTIFY_S)
-            return False
+            problem = os.strerror(ctypes.get_errno()) if fd < 0 else ""
+        except (OSError, AttributeError) as e:  # no libc, or one without inotify
+            fd, problem = -1, str(e)
         if fd < 0:
-            err = ctypes.get_errno()
-            log.warning(
-                "inotify is unavailable (%s): polling every %.0f s instead",
-                os.strerror(err), POLL_WITHOUT_INOTIFY_S,
-            )
+            log.warning("inotify is unavailable (%s): polling every %.0f s instead",
+                        problem, POLL_WITHOUT_INOTIFY_S)
             return False
         self.fd = fd
         loop.add_reader(fd, self._drain)
@@ -841,10 +841,8 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             self.wake()  # the socket or the kubelet may have changed meanwhile
 
     async def _call_register(self) -> None:
-        # A channel of its own: channels to one address otherwise share one
-        # connection and its ~1 s reconnect backoff after a refused connect.
         async with grpc.aio.insecure_channel(
-            f"unix://{self.kubelet_socket}", options=[("grpc.use_local_subchannel_pool", 1)]
+            f"unix://{self.kubelet_socket}", options=CHANNEL_OPTIONS
         ) as channel:
             await pb_grpc.RegistrationStub(channel).Register(
                 pb.RegisterRequest(
@@ -889,7 +887,7 @@ class Daemon:
         self.exit_code = 0
         self.lock_fd = -1
         self.lock_identity: tuple[int, int] | None = None  # (device, inode) of the locked directory
-        self.kubelet: tuple[int, int, int] | None = None
+        self.last_kubelet: tuple[int, int, int] | None = None  # the last kubelet.sock seen
         self.waiting_logged = False
         watched = [self.kubelet_socket]
         for plugin in plugins:
@@ -917,7 +915,7 @@ class Daemon:
                 return None  # between servers: the lifecycle loop is on it
             try:
                 async with grpc.aio.insecure_channel(
-                    f"unix://{plugin.socket_path}", options=[("grpc.use_local_subchannel_pool", 1)]
+                    f"unix://{plugin.socket_path}", options=CHANNEL_OPTIONS
                 ) as channel:
                     await pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
                         pb.Empty(), timeout=SELF_CHECK_TIMEOUT_S
@@ -991,13 +989,13 @@ class Daemon:
             if not self.waiting_logged:
                 log.info("waiting for the kubelet: %s", why_absent)
                 self.waiting_logged = True
-        elif self.kubelet is not None and kubelet != self.kubelet:
+            return
+        if self.last_kubelet is not None and kubelet != self.last_kubelet:
             log.info("kubelet restarted: %s was re-created", self.kubelet_socket)
-        elif self.kubelet is None and self.waiting_logged:
+        elif self.last_kubelet is None and self.waiting_logged:
             log.info("kubelet appeared: %s", self.kubelet_socket)
-        if kubelet is not None:
-            self.waiting_logged = False
-        self.kubelet = kubelet if kubelet is not None else self.kubelet
+        self.waiting_logged = False
+        self.last_kubelet = kubelet
 
     def hold_lock(self) -> bool:
         """Hold an exclusive flock on the plugin directory while we run.
