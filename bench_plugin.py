@@ -56,7 +56,6 @@ import os
 import platform
 import shutil
 import signal
-import stat
 import statistics
 import subprocess
 import sys
@@ -70,13 +69,12 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 
 import deviceplugin_pb2 as pb  # noqa: E402
-from fake_kubelet import FakeKubelet  # noqa: E402
+from fake_kubelet import DEVICE_NODES, FakeKubelet, make_device_nodes, mknod  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "kvm_device_plugin.py")
 DOMAIN = "devices.kubevirt.io"
 DEFAULT = ("kvm", "tun", "vhost-net")
-NODES = {"kvm": ("dev/kvm", 232), "tun": ("dev/net/tun", 200), "vhost-net": ("dev/vhost-net", 238)}
 WAIT_S = 10.0  # bound for anything that should take milliseconds
 SETTLE_S = 1.5  # idle time before an RSS reading
 ALLOCATIONS = 2000
@@ -87,11 +85,6 @@ QUICK = {"health_reps": 10, "restarts": 30, "timed_restarts": 30, "idle_cpu_s": 
 
 def resource(name: str) -> str:
     return f"{DOMAIN}/{name}"
-
-
-def mknod(path: str, minor: int) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(10, minor))
 
 
 class Rig:
@@ -115,7 +108,7 @@ class Rig:
         self.close()
 
     def node(self, name: str) -> str:
-        return os.path.join(self.host, NODES[name][0])
+        return os.path.join(self.host, DEVICE_NODES[name][0])
 
     def start(self, timeout: float = WAIT_S, kubelet_late_s: float = 0.0) -> float:
         """Start the stand-in and the plugin; ms from just before Popen to the full lists.
@@ -123,8 +116,7 @@ class Rig:
         With kubelet_late_s, the plugin starts first and the stand-in that many
         seconds later; then ms from just before the stand-in starts.
         """
-        for name in NODES:
-            mknod(self.node(name), NODES[name][1])
+        make_device_nodes(self.host)
         if not kubelet_late_s:
             self.kubelet.start()
         argv = [sys.executable, SCRIPT, "--plugin-dir", self.plugin_dir, "--host-root", self.host,
@@ -262,7 +254,7 @@ def allocate_latencies(rig: Rig, callers: int) -> tuple[list[float], int]:
 
 def health_latencies(rig: Rig, reps: int) -> tuple[list[float], list[float]]:
     """ms from unlink to an all-Unhealthy list, and from mknod to all-Healthy."""
-    kvm, (path, minor) = resource("kvm"), (rig.node("kvm"), NODES["kvm"][1])
+    kvm, (path, minor) = resource("kvm"), (rig.node("kvm"), DEVICE_NODES["kvm"][1])
     state = rig.kubelet.state(kvm)
 
     def flip(action: Callable[[], None], health: str) -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -33,13 +32,12 @@ sys.path.insert(0, HERE)
 import google.protobuf  # noqa: E402
 import grpc  # noqa: E402
 
-from fake_kubelet import FakeKubelet, unknown_fields  # noqa: E402
+from fake_kubelet import FakeKubelet, make_device_nodes, unknown_fields  # noqa: E402
 
 SCRIPT = os.path.join(HERE, "kvm_device_plugin.py")
 WAIT_S = 10.0
 COUNT = 3
 RESOURCES = [f"devices.kubevirt.io/{name}" for name in ("kvm", "tun", "vhost-net")]
-NODES = {"dev/kvm": 232, "dev/net/tun": 200, "dev/vhost-net": 238}  # misc major 10
 MODES = {  # name: FakeKubelet keyword arguments
     "current": {},
     "legacy": {"legacy": True},
@@ -57,13 +55,6 @@ class Failed(Exception):
 def check(condition: object, what: str) -> None:
     if not condition:
         raise Failed(what)
-
-
-def make_host_root(host: str) -> None:
-    for relative, minor in NODES.items():
-        path = os.path.join(host, relative)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(10, minor))
 
 
 def check_allocate(kubelet: FakeKubelet, mode: str) -> None:
@@ -87,7 +78,7 @@ def run_mode(mode: str) -> str:
     kubelet = FakeKubelet(plugin_dir, **MODES[mode])
     plugin = None
     try:
-        make_host_root(host)
+        make_device_nodes(host)
         kubelet.start()
         started = time.monotonic()
         with open(log_path, "wb") as log:

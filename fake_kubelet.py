@@ -60,6 +60,22 @@ PROTOS = {"current": pb, "pre_cdi": pre_cdi_pb}
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 
 
+# The node's side of every test, benchmark and smoke run: real character
+# device nodes under a temporary host root. Name -> (path under the root,
+# misc minor); misc devices all have major 10.
+DEVICE_NODES = {"kvm": ("dev/kvm", 232), "tun": ("dev/net/tun", 200), "vhost-net": ("dev/vhost-net", 238)}
+
+
+def mknod(path: str, minor: int, major: int = 10) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
+
+
+def make_device_nodes(host_root: str) -> None:
+    for relative, minor in DEVICE_NODES.values():
+        mknod(os.path.join(host_root, relative), minor)
+
+
 def resource_name_error(name: str) -> str | None:
     """Why the kubelet would reject `name` as an extended resource name, or None."""
     domain, slash, short = name.partition("/")

@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -24,13 +23,12 @@ import pytest
 
 import deviceplugin_pb2 as pb
 import kvm_device_plugin as kdp
-from fake_kubelet import FakeKubelet, unknown_fields
+from fake_kubelet import FakeKubelet, make_device_nodes, mknod, unknown_fields
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "kvm_device_plugin.py")
 DOMAIN = "devices.kubevirt.io"
 DEFAULT = ("kvm", "tun", "vhost-net")
-NODES = {"kvm": ("dev/kvm", 232), "tun": ("dev/net/tun", 200), "vhost-net": ("dev/vhost-net", 238)}
 WAIT_S = 10.0  # upper bound for anything that should take milliseconds
 # FakeKubelet keyword arguments for each kubelet generation the plugin must serve.
 KUBELETS = {
@@ -57,11 +55,6 @@ def expected_health(name: str) -> str:
     return "Healthy" if kind.minor in misc_minors() else "Unhealthy"
 
 
-def mknod(path: str, minor: int, major: int = 10) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
-
-
 class Env:
     """A device-plugins directory, a host root with device nodes, a kubelet."""
 
@@ -71,8 +64,7 @@ class Env:
         self.host = os.path.join(self.root, "host")
         self.kubelet = FakeKubelet(self.plugin_dir, **KUBELETS[kubelet])
         self.plugins: list[PluginProcess] = []
-        for path, minor in NODES.values():
-            mknod(self.node(path), minor)
+        make_device_nodes(self.host)
 
     def node(self, relative: str) -> str:
         return os.path.join(self.host, relative)
