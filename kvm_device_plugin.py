@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -61,6 +62,7 @@ from typing import Callable, NamedTuple
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
 
 import deviceplugin_pb2 as pb  # noqa: E402
 import deviceplugin_pb2_grpc as pb_grpc  # noqa: E402
@@ -102,19 +104,42 @@ CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 RECHECK_S = 5.0
 # Without inotify (a node out of watches) the safety net is all there is.
 POLL_WITHOUT_INOTIFY_S = 1.0
-# On SIGTERM, streams get this long to deliver their last (empty) list.
-SHUTDOWN_GRACE_S = 1.0
+# On SIGTERM, streams get this long to deliver their last (empty) list; the
+# whole stop is bounded so that the process exits within 2 s whatever a peer does.
+SHUTDOWN_GRACE_S = 0.5
+# A gRPC server's stop() waits for every call to finish, and a call whose
+# reader stopped reading never finishes (its last message sits in HTTP/2 flow
+# control). A new server waits at most this long for the old one's kubelet
+# stream to end; the old server finishes stopping in the background.
+STOP_TIMEOUT_S = 0.5
+# Any process that can reach the socket may open ListAndWatch. Those streams
+# are served, but only this many at once per resource: each one holds memory.
+MAX_OTHER_STREAMS = 4
+# A registration still unfinished after this long is stuck, whatever the
+# cause: /healthz fails, so that the liveness probe restarts the pod.
+REGISTRATION_OVERDUE_S = 60.0
 # The kubelet opens ListAndWatch right after Register; one that has not done so
 # by then lost the registration somewhere, and only a new one helps.
 STREAM_EXPECTED_WITHIN_S = 10.0
 # A stream that ends sooner than this after registering is not a kubelet
 # restart but a kubelet refusing us: wait before trying again, do not spin.
 STREAM_MIN_LIFE_S = 1.0
-# /healthz asks each server GetDevicePluginOptions with this deadline; a
-# request to the status endpoint must arrive whole within the other.
+# /healthz asks each server GetDevicePluginOptions with this deadline, and
+# answers later probes from that verdict for a while: every /healthz costs a
+# gRPC call per resource, and the port is open to the pod network.
 SELF_CHECK_TIMEOUT_S = 2.0
+HEALTHZ_REUSE_S = 1.0
+# The status port is open to the pod network, so what one connection and all
+# of them together may hold is bounded: a request (line and headers, which
+# are ignored) must arrive whole, within a few KiB and seconds, and past
+# HTTP_MAX_CONNECTIONS the oldest connection is dropped for the newest, so
+# that a flood of idle connections cannot keep a real client out.
 HTTP_REQUEST_TIMEOUT_S = 5.0
-HTTP_MAX_HEADERS = 100
+HTTP_MAX_REQUEST_BYTES = 8192
+HTTP_MAX_CONNECTIONS = 32
+# Device IDs and other peer-supplied text are cut to this many characters in
+# messages and logs: an error status must fit gRPC's metadata limit (8 KiB).
+MAX_QUOTED_CHARS = 64
 
 # Neither PreStartContainer nor GetPreferredAllocation is useful for devices
 # that any number of containers may share. The kubelet reads these options from
@@ -206,13 +231,28 @@ def describe_file_type(mode: int) -> str:
     return "file of unknown type"
 
 
+def directory_problem(path: str) -> str:
+    """Why `path` cannot serve as a directory, in words."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "nor does its directory, yet"
+    except OSError as e:
+        return f"cannot stat {path}: {e.strerror}"
+    return f"{path} is a {describe_file_type(st.st_mode)}, not a directory"
+
+
 class NodeChecker:
     """Decides whether one kind of device node is usable, and says why not.
 
     Owns the memory of the last open() attempt: opening a node whose driver is
     missing makes the kernel try to load a module, so the node is opened again
     only when something about it (its identity, or its driver's presence in
-    /proc/misc) has changed, never once per event or timer tick.
+    /proc/misc) has changed, never once per event or timer tick. A result is
+    kept only if it belongs to the file it was obtained from: a node unlinked
+    and re-created between lstat() and open() (a module reload, a udev rename)
+    can get the same inode number and ctime, and a verdict about the old one
+    must not stick to the new one.
     """
 
     def __init__(self, kind: DeviceKind, host_root: str) -> None:
@@ -221,6 +261,12 @@ class NodeChecker:
         self._probe_key: tuple | None = None
         self._probe: tuple[str, str] = ("", "")
         self._refusal_logged = False
+
+    def forget_errors(self) -> None:
+        """Let the next check open the node again unless its last open worked or
+        was refused or found no driver (those hold until the node changes)."""
+        if self._probe[0] == "error":
+            self._probe_key = None
 
     def check(self, misc: dict[str, int] | None) -> Verdict:
         kind = self.kind
@@ -257,8 +303,14 @@ class NodeChecker:
         driver_listed = misc is None or expected_minor in misc.values()
         key = (st.st_dev, st.st_ino, st.st_rdev, st.st_ctime_ns, driver_listed)
         if key != self._probe_key:
-            self._probe_key = key
-            self._probe = self._open_probe()
+            self._probe, opened = self._open_probe()
+            # Kept only when the file opened is the file stat'ed; a node that
+            # vanished or was replaced meanwhile is looked at again next time
+            # (its unlink and re-creation woke the lifecycle loop already).
+            same_file = opened is not None and (opened.st_dev, opened.st_ino, opened.st_rdev) == key[:3]
+            self._probe_key = key if same_file or self._probe[0] in ("refused", "nodriver") else None
+            if opened is not None and not same_file:
+                return Verdict(False, f"{kind.path} was replaced while being checked")
         outcome, detail = self._probe
 
         if outcome == "ok":
@@ -284,35 +336,38 @@ class NodeChecker:
             return Verdict(False, f"driver not loaded: opening {kind.path} gave {detail} ({load})")
         return Verdict(False, detail)
 
-    def _open_probe(self) -> tuple[str, str]:
+    def _open_probe(self) -> tuple[tuple[str, str], os.stat_result | None]:
         """Open the node as a VMM would; for kvm ask its API version.
 
-        Returns (outcome, detail) with outcome one of ok, refused (device cgroup
-        or permissions), nodriver (ENODEV/ENXIO: no driver behind the minor)
-        or error.
+        Returns ((outcome, detail), the opened file's fstat or None), with
+        outcome one of ok, refused (device cgroup or permissions), nodriver
+        (ENODEV/ENXIO: no driver behind the minor) or error.
         """
         kind = self.kind
         try:
-            fd = os.open(self.node_path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+            # O_NOFOLLOW: the node was lstat'ed as a character device; a
+            # symlink planted there since is not followed.
+            fd = os.open(self.node_path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError as e:
             name = errno.errorcode.get(e.errno, str(e.errno))
             if e.errno in (errno.EPERM, errno.EACCES):
-                return "refused", f"{name}: {e.strerror}"
+                return ("refused", f"{name}: {e.strerror}"), None
             if e.errno in (errno.ENODEV, errno.ENXIO):
-                return "nodriver", name
-            if e.errno == errno.ENOENT:
-                return "error", f"{kind.path} vanished while being checked"
-            return "error", f"cannot open {kind.path}: {name} {e.strerror}"
+                return ("nodriver", name), None
+            if e.errno in (errno.ENOENT, errno.ELOOP):
+                return ("error", f"{kind.path} vanished while being checked"), None
+            return ("error", f"cannot open {kind.path}: {name} {e.strerror}"), None
         try:
+            opened = os.fstat(fd)
             if not kind.kvm_api:
-                return "ok", "opened read-write"
+                return ("ok", "opened read-write"), opened
             try:
                 version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
             except OSError as e:
-                return "error", f"KVM_GET_API_VERSION on {kind.path} failed: {e.strerror}"
+                return ("error", f"KVM_GET_API_VERSION on {kind.path} failed: {e.strerror}"), opened
             if version != KVM_API_VERSION:
-                return "error", f"KVM API version {version}, expected {KVM_API_VERSION}"
-            return "ok", f"KVM API version {version}"
+                return ("error", f"KVM API version {version}, expected {KVM_API_VERSION}"), opened
+            return ("ok", f"KVM API version {version}"), opened
         finally:
             os.close(fd)
 
@@ -495,22 +550,31 @@ class CdiSpec:
         if self.in_place():
             return
         directory = os.path.dirname(self.path)
-        temporary = os.path.join(directory, f".{os.path.basename(self.path)}.tmp")
+        temporary = None
         try:
             os.makedirs(directory, exist_ok=True)
-            with open(temporary, "wb") as f:
+            # The directory is shared with other CDI producers: a fixed
+            # temporary name could be a planted symlink, and writing through it
+            # would overwrite any file as root. So: a new file under a random
+            # name, created exclusively, never through a link. (tempfile.mkstemp
+            # does the same, but its import costs the daemon 0.6 MB of RSS.)
+            name = os.path.join(directory, f".{os.path.basename(self.path)}.{os.urandom(6).hex()}")
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            temporary = name  # ours to remove if anything below fails
+            with open(fd, "wb") as f:
                 f.write(self.content)
                 f.flush()
-                os.fsync(f.fileno())  # no empty spec after a crash
-            # rename() replaces the file in one step: a runtime reading the
-            # directory never sees half a spec.
+                os.fsync(fd)  # no empty spec after a crash
+            # rename() replaces the file (or a link planted there) in one step:
+            # a runtime reading the directory never sees half a spec.
             os.rename(temporary, self.path)
         except OSError as e:
             self.written = None
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
+            if temporary is not None:
+                try:
+                    os.unlink(temporary)
+                except OSError:
+                    pass
             if not self.error_logged:
                 log.warning("%s: cannot write CDI spec %s: %s", self.resource_name, self.path, e.strerror)
                 self.error_logged = True
@@ -534,6 +598,43 @@ def plugin_socket_name(device: str) -> str:
     # Our own prefix, so that an operator listing the directory sees whose
     # sockets these are; the kubelet only cares that it is a bare file name.
     return f"kvm-device-plugin-{device}.sock"
+
+
+# A server binds "<socket>.<n>" first and renames it into place (see
+# restart_server): n < 1000, so the bound path is up to this many bytes longer.
+BIND_SUFFIX_BYTES = 4
+URI_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/-._~")
+
+
+def grpc_unix_target(path: str) -> str:
+    """The gRPC target for the unix socket at `path`.
+
+    gRPC parses a target as a URI: '#' would start a fragment, '?' a query,
+    and '%' escapes are decoded. Percent-encoding every other byte of the
+    path gives it back to the kernel as it is. (A ',' still splits the
+    address list in any form, so main() refuses a directory containing one.)
+    """
+    return "unix://" + "".join(chr(b) if b in URI_SAFE else f"%{b:02X}" for b in path.encode())
+
+
+def quoted(text: str) -> str:
+    """Peer-supplied text for a message or a log line: repr(), cut short.
+
+    An error status travels in gRPC metadata (8 KiB at most): a 1 MB device
+    ID echoed whole would turn INVALID_ARGUMENT into RESOURCE_EXHAUSTED.
+    """
+    if len(text) <= MAX_QUOTED_CHARS:
+        return repr(text)
+    return f"{text[:MAX_QUOTED_CHARS]!r}... ({len(text)} characters)"
+
+
+class ListAndWatchStream:
+    """One open ListAndWatch call: woken on every health change, marked when it ends."""
+
+    def __init__(self, from_kubelet: bool) -> None:
+        self.from_kubelet = from_kubelet
+        self.changed = asyncio.Event()
+        self.ended = asyncio.Event()
 
 
 class DevicePlugin(pb_grpc.DevicePluginServicer):
@@ -571,17 +672,22 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         self._lists: dict[str, pb.ListAndWatchResponse] = {}
 
         self.server: grpc.aio.Server | None = None
-        self.generation = 0  # bumped for every fresh server
+        self.servers_started = 0  # names each server's temporary bind path
+        self.servers_stopping: set[asyncio.Future] = set()  # stops still finishing
         self.bound_socket: tuple[int, int, int] | None = None
-        self.streams: set[asyncio.Event] = set()
-        self.stream_seen = False  # the kubelet opened ListAndWatch on this server
-        self.stream_ended = False
+        self.streams: set[ListAndWatchStream] = set()  # every open ListAndWatch
+        # The stream that matters: the first ListAndWatch opened on the current
+        # server after Register was sent. Any process that can reach the socket
+        # may open others; they are served, but their end means nothing.
+        self.kubelet_stream: ListAndWatchStream | None = None
+        self.register_sent = False  # on the current server
         self.stopping = False
 
         self.registered_with: tuple[int, int, int] | None = None  # kubelet.sock identity
         self.registered_at = 0.0  # time.monotonic() of the last registration
         self.registration: asyncio.Task | None = None
         self.registration_target: tuple[int, int, int] | None = None
+        self.registration_started = 0.0  # time.monotonic() when the task began
         self.outage_started: float | None = None  # when registering became necessary
         self.registrations = 0  # successful Register calls, for the metrics
         self.allocations = 0  # containers given the device
@@ -612,8 +718,8 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         self.verdict = verdict
         log.log(logging.INFO if verdict.healthy else logging.WARNING,
                 "%s: %d devices %s: %s", self.resource_name, self.count, verdict.state, verdict.reason)
-        for changed in self.streams:
-            changed.set()
+        for stream in self.streams:
+            stream.changed.set()
 
     # -- the DevicePlugin service -------------------------------------------------
     # Every handler returns a message (gRPC turns a None into INTERNAL); a
@@ -626,27 +732,37 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         """Stream the full device list now and after every health change.
 
         The kubelet opens one stream per registration and reads it forever. If
-        the stream ends while we are running, the kubelet marks every device
+        that stream ends while we are running, the kubelet marks every device
         unhealthy and never reconnects: the lifecycle loop must register again,
-        so the end of a current stream wakes it.
+        so the end of the kubelet's stream wakes it. Only the newest list ever
+        waits to be sent: a reader that stops reading holds back one message,
+        never a backlog (every change since folds into one wake-up).
         """
-        changed = asyncio.Event()
-        generation = self.generation
-        self.streams.add(changed)
-        self.stream_seen = True
-        log.debug("%s: kubelet opened ListAndWatch", self.resource_name)
+        from_kubelet = self.register_sent and self.kubelet_stream is None
+        if not from_kubelet and sum(not s.from_kubelet for s in self.streams) >= MAX_OTHER_STREAMS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.resource_name}: already serving {MAX_OTHER_STREAMS} ListAndWatch streams "
+                "to clients other than the kubelet",
+            )
+        stream = ListAndWatchStream(from_kubelet)
+        if from_kubelet:
+            self.kubelet_stream = stream
+        self.streams.add(stream)
+        log.debug("%s: %s opened ListAndWatch", self.resource_name,
+                  "the kubelet" if from_kubelet else "another client")
         try:
             while not self.stopping:
                 yield self.device_list()
-                await changed.wait()
-                changed.clear()
+                await stream.changed.wait()
+                stream.changed.clear()
             # An empty list makes the kubelet drop the devices at once instead
             # of keeping them unhealthy for five minutes.
             yield pb.ListAndWatchResponse()
         finally:
-            self.streams.discard(changed)
-            if not self.stopping and generation == self.generation:
-                self.stream_ended = True
+            self.streams.discard(stream)
+            stream.ended.set()
+            if stream is self.kubelet_stream and not self.stopping:
                 self.wake()
 
     async def GetPreferredAllocation(self, request, context):
@@ -689,7 +805,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             for device_id in container.devices_ids:
                 if not self.is_known_id(device_id):
                     return grpc.StatusCode.INVALID_ARGUMENT, (
-                        f"{name}: unknown device ID {device_id!r} "
+                        f"{name}: unknown device ID {quoted(device_id)} "
                         f"(this plugin serves {self.kind.name}0 to {self.kind.name}{self.count - 1})"
                     )
         if not self.verdict.healthy:
@@ -708,10 +824,37 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             and int(number) < self.count
         )
 
+    async def decode(self, request_type: type, raw: bytes, context: grpc.aio.ServicerContext):
+        """The request as a message, or INVALID_ARGUMENT with one log line.
+
+        gRPC itself would answer bytes that do not decode with UNKNOWN and log
+        a traceback: a peer's garbage is not our bug.
+        """
+        try:
+            return request_type.FromString(raw)
+        except DecodeError:
+            message = (f"{self.resource_name}: {len(raw)} request bytes do not decode "
+                       f"as {request_type.DESCRIPTOR.name}")
+            log.warning("%s", message)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
     # -- server and registration -------------------------------------------------
 
     def socket_intact(self) -> bool:
         return self.bound_socket is not None and file_identity(self.socket_path) == self.bound_socket
+
+    def kubelet_stream_ended(self) -> bool:
+        return self.kubelet_stream is not None and self.kubelet_stream.ended.is_set()
+
+    def kubelet_stream_open(self) -> bool:
+        return self.kubelet_stream is not None and not self.kubelet_stream.ended.is_set()
+
+    def registration_overdue(self) -> float | None:
+        """Seconds a registration has been under way, when that is far too long."""
+        if self.registration is None or self.registration.done():
+            return None
+        pending = time.monotonic() - self.registration_started
+        return pending if pending > REGISTRATION_OVERDUE_S else None
 
     def reason_to_register(self, kubelet: tuple[int, int, int] | None) -> str | None:
         if kubelet is None:
@@ -722,9 +865,9 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             return "kubelet.sock was re-created"
         if not self.socket_intact():
             return "plugin socket was deleted"
-        if self.stream_ended:
+        if self.kubelet_stream_ended():
             return "kubelet ended the ListAndWatch stream"
-        if not self.stream_seen and time.monotonic() - self.registered_at > STREAM_EXPECTED_WITHIN_S:
+        if self.kubelet_stream is None and time.monotonic() - self.registered_at > STREAM_EXPECTED_WITHIN_S:
             return f"kubelet opened no ListAndWatch stream within {STREAM_EXPECTED_WITHIN_S:.0f} s"
         return None
 
@@ -745,52 +888,72 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         # A kubelet (the same one: a new one is always served at once) that
         # ends every stream right after registering would otherwise have us
         # register again at full speed, forever.
-        refused = self.registered_with == kubelet and self.stream_ended
+        refused = self.registered_with == kubelet and self.kubelet_stream_ended()
         short_lived = time.monotonic() - self.registered_at < STREAM_MIN_LIFE_S
         pause = RETRY_MAX_S if refused and short_lived else 0.0
         self.registration_target = kubelet
         self.registered_with = None
+        self.registration_started = time.monotonic()
         self.registration = asyncio.create_task(self._register(kubelet, pause))
 
     async def restart_server(self) -> None:
         """Stop the old server, then serve afresh on the same path.
 
-        Order matters: stopping a gRPC server deletes the file at its socket
-        path even when a successor owns it, and binding silently replaces a
-        live socket. Stopping first also ends the old ListAndWatch stream
-        before the new registration, as kubelets before the late-2025 fix
-        need (the old connection's end could tear down the new one).
+        Two gRPC habits shape this. Stopping a server deletes the file at the
+        path it bound, possibly long after stop() was called (see stop_server);
+        and binding silently replaces a live socket. So each server binds a
+        name of its own and is renamed into place: however late an old server
+        finishes stopping, the file it deletes is not its successor's.
+        Stopping first also ends the old ListAndWatch stream before the new
+        registration, as kubelets before the late-2025 fix need (the old
+        connection's end could tear down the new one).
         """
         await self.stop_server(grace=None)
-        try:
-            os.unlink(self.socket_path)  # stale, from a killed earlier run
-        except FileNotFoundError:
-            pass
-        self.stream_seen = self.stream_ended = False
+        self.register_sent = False
+        self.servers_started += 1
+        bind_path = f"{self.socket_path}.{self.servers_started % 1000}"
         server = grpc.aio.server()
-        pb_grpc.add_DevicePluginServicer_to_server(self, server)
-        server.add_insecure_port(f"unix://{self.socket_path}")  # binds the path now
+        server.add_generic_rpc_handlers((device_plugin_service(self),))
+        server.add_insecure_port(grpc_unix_target(bind_path))  # binds the path now
         # Held before the first await: a registration cancelled during start()
-        # must leave a server the next stop_server() stops, not an orphan that
-        # deletes its successor's socket when it is garbage-collected.
+        # must leave a server the next stop_server() stops, not an orphan.
         self.server = server
         await server.start()
+        # rename() replaces whatever is at the socket path (a stale socket of
+        # a killed run, say) in one step.
+        os.rename(bind_path, self.socket_path)
         self.bound_socket = file_identity(self.socket_path)
 
     async def stop_server(self, grace: float | None) -> None:
+        """Stop the current server; wait, within bounds, for what must end first.
+
+        gRPC's stop() waits for every call to finish, and a call whose reader
+        stopped reading never does (its message waits on HTTP/2 flow control).
+        So the stop is waited for only so long: at shutdown, for the grace the
+        streams get to send their empty list; before a new registration, until
+        the kubelet's stream has ended. The rest finishes in the background.
+        """
         server, self.server = self.server, None
         if server is None:
             return
-        self.generation += 1  # the ending streams are no longer "current"
-        mine = self.bound_socket
-        self.bound_socket = None
-        await server.stop(grace)
-        # grpc removes its socket file on stop; make sure, but never touch a
-        # file that is not the one we bound.
+        kubelet_stream, self.kubelet_stream = self.kubelet_stream, None
+        mine, self.bound_socket = self.bound_socket, None
+        # The server deletes only its bind path; the socket path is ours to
+        # remove, unless it is not the file we put there any more.
         if mine is not None and file_identity(self.socket_path) == mine:
             try:
                 os.unlink(self.socket_path)
             except FileNotFoundError:
+                pass
+        stopping = asyncio.ensure_future(server.stop(grace))
+        self.servers_stopping.add(stopping)
+        stopping.add_done_callback(self.servers_stopping.discard)
+        if self.stopping:
+            await asyncio.wait([stopping], timeout=(grace or 0.0) + STOP_TIMEOUT_S)
+        elif kubelet_stream is not None:
+            try:
+                await asyncio.wait_for(kubelet_stream.ended.wait(), STOP_TIMEOUT_S)
+            except asyncio.TimeoutError:
                 pass
 
     async def _register(self, kubelet: tuple[int, int, int], pause: float) -> None:
@@ -805,6 +968,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
                     # for the one there now. Registering with it under the
                     # old identity would only cost a second registration.
                     return
+                unexpected: Exception | None = None
                 try:
                     if not served or not self.socket_intact():
                         await self.restart_server()
@@ -816,6 +980,10 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
                     transient = e.code() == grpc.StatusCode.UNAVAILABLE
                 except (OSError, RuntimeError) as e:  # cannot bind: directory gone
                     error, transient = str(e), True
+                except Exception as e:  # noqa: BLE001 - a bug, or a case no one foresaw
+                    # Logged once with its traceback, then retried like a
+                    # refusal: a daemon that gives up leaves the node at 0.
+                    error, transient, unexpected = f"{type(e).__name__}: {e}", False, e
                 # A refusal is worth a line once it has lasted about a second
                 # (the retries have slowed to RETRY_MAX_S); a rejection by the
                 # kubelet (invalid name, ...) at once. Each only once.
@@ -823,6 +991,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
                     log.warning(
                         "%s: registration with %s failed (%s); retrying every %.0f s at most",
                         self.resource_name, self.kubelet_socket, error, RETRY_MAX_S,
+                        exc_info=unexpected,
                     )
                     last_error = error
                 await asyncio.sleep(delay)
@@ -842,8 +1011,10 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
 
     async def _call_register(self) -> None:
         async with grpc.aio.insecure_channel(
-            f"unix://{self.kubelet_socket}", options=CHANNEL_OPTIONS
+            grpc_unix_target(self.kubelet_socket), options=CHANNEL_OPTIONS
         ) as channel:
+            # From here on the kubelet may dial back and open its stream.
+            self.register_sent = True
             await pb_grpc.RegistrationStub(channel).Register(
                 pb.RegisterRequest(
                     version=API_VERSION,
@@ -858,9 +1029,41 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         self.stopping = True
         if self.registration is not None:
             self.registration.cancel()
-        for changed in self.streams:
-            changed.set()
+        for stream in self.streams:
+            stream.changed.set()
         await self.stop_server(grace=SHUTDOWN_GRACE_S)
+
+
+def device_plugin_service(plugin: DevicePlugin) -> grpc.GenericRpcHandler:
+    """The v1beta1.DevicePlugin service of one plugin, decoding requests itself.
+
+    Unlike the generated add_DevicePluginServicer_to_server, which lets gRPC
+    decode (see DevicePlugin.decode for why not). The method table is read
+    from the proto's descriptor, so it cannot drift from the stubs.
+    """
+    service = pb.DESCRIPTOR.services_by_name["DevicePlugin"]
+    return grpc.method_handlers_generic_handler(
+        service.full_name, {method.name: decoding_handler(plugin, method) for method in service.methods}
+    )
+
+
+def decoding_handler(plugin: DevicePlugin, method) -> grpc.RpcMethodHandler:
+    request_type = getattr(pb, method.input_type.name)
+    serialize = getattr(pb, method.output_type.name).SerializeToString
+    implementation = getattr(plugin, method.name)
+    if method.server_streaming:
+        async def stream(raw: bytes, context: grpc.aio.ServicerContext):
+            request = await plugin.decode(request_type, raw, context)
+            # aclosing: when gRPC drops this generator, the plugin's own one
+            # must run its cleanup at once, not whenever it is collected.
+            async with contextlib.aclosing(implementation(request, context)) as responses:
+                async for response in responses:
+                    yield response
+        return grpc.unary_stream_rpc_method_handler(stream, response_serializer=serialize)
+
+    async def unary(raw: bytes, context: grpc.aio.ServicerContext):
+        return await implementation(await plugin.decode(request_type, raw, context), context)
+    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
 
 
 # ---------------------------------------------------------------------------
@@ -876,7 +1079,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
 
 class Daemon:
     def __init__(self, plugins: list[DevicePlugin], plugin_dir: str,
-                 status_port: int | None = None) -> None:
+                 status_port: int | None = None, status_address: str | None = None) -> None:
         self.plugins = plugins
         for plugin in plugins:
             plugin.wake = self.wake
@@ -889,6 +1092,7 @@ class Daemon:
         self.lock_identity: tuple[int, int] | None = None  # (device, inode) of the locked directory
         self.last_kubelet: tuple[int, int, int] | None = None  # the last kubelet.sock seen
         self.waiting_logged = False
+        self.loop_errors_seen: set[tuple] = set()
         watched = [self.kubelet_socket]
         for plugin in plugins:
             watched += [plugin.socket_path, plugin.checker.node_path]
@@ -896,14 +1100,14 @@ class Daemon:
                 watched.append(plugin.cdi.path)
         self.watcher = DirectoryWatcher(watched, self.wake)
         self.poll_s = RECHECK_S
-        self.status = StatusEndpoint(self, status_port) if status_port is not None else None
+        self.status = StatusEndpoint(self, status_port, status_address) if status_port is not None else None
 
     def wake(self) -> None:
         self.woken.set()
 
     def is_ready(self, plugin: DevicePlugin) -> bool:
         kubelet = file_identity(self.kubelet_socket)
-        return kubelet is not None and plugin.registered_with == kubelet and bool(plugin.streams)
+        return kubelet is not None and plugin.registered_with == kubelet and plugin.kubelet_stream_open()
 
     def not_ready(self) -> list[str]:
         return [f"{p.resource_name}: not registered with a stream open" for p in self.plugins
@@ -911,16 +1115,24 @@ class Daemon:
 
     async def not_alive(self) -> list[str]:
         async def answers(plugin: DevicePlugin) -> str | None:
+            overdue = plugin.registration_overdue()
+            if overdue is not None:
+                return f"{plugin.resource_name}: registration under way for {overdue:.0f} s"
+            server = plugin.server
             if not plugin.socket_intact():
                 return None  # between servers: the lifecycle loop is on it
             try:
                 async with grpc.aio.insecure_channel(
-                    f"unix://{plugin.socket_path}", options=CHANNEL_OPTIONS
+                    grpc_unix_target(plugin.socket_path), options=CHANNEL_OPTIONS
                 ) as channel:
                     await pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
                         pb.Empty(), timeout=SELF_CHECK_TIMEOUT_S
                     )
             except grpc.aio.AioRpcError as e:
+                if plugin.server is not server or not plugin.socket_intact():
+                    # A kubelet restart deleted the socket while we dialled:
+                    # the lifecycle loop is on it, and liveness must not flap.
+                    return None
                 return f"{plugin.resource_name}: server does not answer ({e.code().name})"
             return None
 
@@ -932,27 +1144,54 @@ class Daemon:
         self.stop_requested = True
         self.wake()
 
+    def log_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """asyncio's report of an error nobody awaited (a failed accept(), a
+        task's exception): logged once per cause, with its traceback, instead
+        of once per occurrence, so that a peer repeating it cannot flood the log."""
+        error = context.get("exception")
+        cause = (context.get("message"), type(error).__name__, getattr(error, "errno", None))
+        if cause in self.loop_errors_seen:
+            return
+        self.loop_errors_seen.add(cause)
+        log.error("%s (%r); further ones like it are not logged", context.get("message"), error,
+                  exc_info=error)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            # As PID 1 in a container SIGTERM would otherwise do nothing.
+        loop.set_exception_handler(self.log_loop_error)
+        # As PID 1 in a container SIGTERM would otherwise do nothing, and the
+        # default action of the others is to die without a word: sockets left
+        # behind, the kubelet never told. SIGHUP (a terminal going away) and
+        # SIGQUIT ask a daemon to stop as much as SIGTERM does; SIGUSR1 and
+        # SIGUSR2 mean nothing here and are ignored.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
             loop.add_signal_handler(signum, self.request_stop, signum)
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            loop.add_signal_handler(signum, log.info, "ignoring %s", signal.Signals(signum).name)
         if not self.watcher.start(loop):
             self.poll_s = POLL_WITHOUT_INOTIFY_S
         if self.status is not None:
             try:
                 await self.status.start()
             except OSError as e:
-                log.error("cannot serve metrics on port %d: %s", self.status.port, e.strerror)
+                log.error("cannot serve metrics on %s port %d: %s",
+                          self.status.address or "every interface", self.status.port, e.strerror)
                 return 1
         try:
             while not self.stop_requested:
                 self.woken.clear()
-                self.reconcile()
+                try:
+                    self.reconcile()
+                except Exception as e:  # noqa: BLE001 - a bug: say so, keep the node served
+                    self.log_loop_error(loop, {"message": "reconcile failed", "exception": e})
+                    await asyncio.sleep(RETRY_MAX_S)  # not at the pace of events
                 try:
                     await asyncio.wait_for(self.woken.wait(), timeout=self.poll_s)
                 except asyncio.TimeoutError:
-                    pass
+                    # The safety net: a check that failed for a passing reason
+                    # (the node vanished while being opened) is made again.
+                    for plugin in self.plugins:
+                        plugin.checker.forget_errors()
         finally:
             await asyncio.gather(*(plugin.shutdown() for plugin in self.plugins))
             self.watcher.close()
@@ -968,9 +1207,7 @@ class Daemon:
         if self.watcher.fd >= 0 and not self.watcher.sync():
             self.poll_s = POLL_WITHOUT_INOTIFY_S
         if not os.path.isdir(self.plugin_dir):
-            self.note_kubelet(
-                None, f"{self.kubelet_socket} does not exist (nor does its directory, yet)"
-            )
+            self.note_kubelet(None, f"{self.kubelet_socket} does not exist ({directory_problem(self.plugin_dir)})")
             return
         if not self.hold_lock():
             return
@@ -1042,30 +1279,56 @@ class Daemon:
 # the same event loop answers the kubelet's probes and Prometheus:
 #   /readyz   200 when every resource is registered with the kubelet.sock that
 #             exists now and its ListAndWatch stream is open;
-#   /healthz  200 when the loop answers and every server whose socket is in
-#             place answers GetDevicePluginOptions (a blocked loop answers
-#             nothing, so the probe times out);
+#   /healthz  200 when the loop answers, every server whose socket is in
+#             place answers GetDevicePluginOptions, and no registration has
+#             been under way for over REGISTRATION_OVERDUE_S (a blocked loop
+#             answers nothing, so the probe times out);
 #   /metrics  devices, health, registrations and allocations per resource.
 # HTTP probes cost the node nothing between calls, where an exec probe would
 # start a Python process with gRPC every few seconds (~0.25 s of CPU each).
-# asyncio's own streams serve it: http.server would need a thread.
+# asyncio's own streams serve it: http.server would need a thread. The port is
+# reachable from the pod network, unauthenticated: every connection is bounded
+# in bytes, time and number, and answers read state, never change it.
 # ---------------------------------------------------------------------------
 
 class StatusEndpoint:
-    def __init__(self, daemon: Daemon, port: int) -> None:
+    def __init__(self, daemon: Daemon, port: int, address: str | None) -> None:
         self.daemon = daemon
         self.port = port
+        self.address = address  # None: every interface
         self.server: asyncio.base_events.Server | None = None
+        self.connections: dict[asyncio.StreamWriter, None] = {}  # open ones, oldest first
+        self._alive_check: asyncio.Future | None = None
+        self._alive_checked_at = 0.0
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, port=self.port)
-        log.info("serving /metrics, /healthz and /readyz on port %d", self.port)
+        self.server = await asyncio.start_server(
+            self._serve, host=self.address, port=self.port, limit=HTTP_MAX_REQUEST_BYTES
+        )
+        log.info("serving /metrics, /healthz and /readyz on %s port %d",
+                 self.address or "every interface", self.port)
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
 
+    async def alive_problems(self) -> list[str]:
+        """Daemon.not_alive(), computed at most once per HEALTHZ_REUSE_S."""
+        now = time.monotonic()
+        if self._alive_check is None or now - self._alive_checked_at > HEALTHZ_REUSE_S:
+            self._alive_check = asyncio.ensure_future(self.daemon.not_alive())
+            self._alive_checked_at = now
+        # Shielded: a client that hangs up must not cancel the others' answer.
+        return await asyncio.shield(self._alive_check)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self.connections) >= HTTP_MAX_CONNECTIONS:
+            # Drop the oldest: a real client sends its request within
+            # milliseconds, so it is served even amid idle connections.
+            oldest = next(iter(self.connections))
+            oldest.transport.abort()
+            del self.connections[oldest]
+        self.connections[writer] = None
         try:
             request_line = await asyncio.wait_for(self._read_request(reader), HTTP_REQUEST_TIMEOUT_S)
             method, _, rest = request_line.decode("latin-1").partition(" ")
@@ -1079,7 +1342,7 @@ class StatusEndpoint:
                 status = "503 Service Unavailable" if problems else "200 OK"
                 body = "".join(f"{p}\n" for p in problems) or "ready\n"
             elif path == "/healthz":
-                problems = await self.daemon.not_alive()
+                problems = await self.alive_problems()
                 status = "503 Service Unavailable" if problems else "200 OK"
                 body = "".join(f"{p}\n" for p in problems) or "ok\n"
             else:
@@ -1093,16 +1356,20 @@ class StatusEndpoint:
         except (asyncio.TimeoutError, ConnectionError, ValueError):
             pass  # slow, half-open, overlong or garbled: drop it, keep serving
         finally:
+            self.connections.pop(writer, None)
             writer.close()
 
     @staticmethod
     async def _read_request(reader: asyncio.StreamReader) -> bytes:
         """The request line; the headers are read and ignored (none matters here)."""
-        request_line = await reader.readline()  # ValueError past 64 KiB
-        for _ in range(HTTP_MAX_HEADERS):
-            if not (await reader.readline()).strip():
+        request_line = await reader.readline()  # ValueError past the reader's limit
+        received = len(request_line)
+        while received <= HTTP_MAX_REQUEST_BYTES:
+            line = await reader.readline()
+            if not line.strip():
                 return request_line
-        raise ValueError("too many header lines")
+            received += len(line)
+        raise ValueError("request too large")
 
     def metrics(self) -> str:
         plugins = self.daemon.plugins
@@ -1208,6 +1475,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text lines, or one JSON object per line for log pipelines")
     parser.add_argument("--metrics-port", type=parse_port, default=None,
                         help="serve /metrics, /healthz and /readyz over HTTP on this port (default off)")
+    parser.add_argument("--metrics-address", default=None,
+                        help="the address to serve them on (default: every interface, as Prometheus "
+                             "in the pod network needs; 127.0.0.1 for the node alone)")
     parser.add_argument("--cdi-spec-dir", default=None,
                         help="also write a CDI spec per resource here (for example /var/run/cdi) and name "
                              "it in Allocate (default off)")
@@ -1242,6 +1512,15 @@ class JsonFormatter(TextFormatter):
         return json.dumps(entry)
 
 
+class PeerGoneFilter(logging.Filter):
+    """Drops gRPC's ERROR traceback for a stream whose peer went away in the
+    middle of a message (ExecuteBatchError): a kubelet restart does that to a
+    large list, and the stream's end is handled like any other."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ExecuteBatchError" not in record.getMessage()
+
+
 def resolve_permissions(choice: str) -> str:
     if choice != "auto":
         return choice
@@ -1261,24 +1540,44 @@ def run_check(devices: list[str], host_root: str) -> int:
     return 0 if all_healthy else 1
 
 
+def plugin_dir_problem(plugin_dir: str, devices: list[str]) -> str | None:
+    """Why the plugin could never serve in `plugin_dir`, or None.
+
+    Refused at startup, in one line, rather than retried forever.
+    """
+    try:
+        plugin_dir.encode()
+    except UnicodeEncodeError:
+        return f"--plugin-dir {plugin_dir!r} is not valid UTF-8, and gRPC takes socket paths as UTF-8"
+    if "," in plugin_dir:
+        return f"--plugin-dir {plugin_dir!r} contains ',', which gRPC reads as a list of addresses"
+    if os.path.exists(plugin_dir) and not os.path.isdir(plugin_dir):
+        return f"--plugin-dir {directory_problem(plugin_dir)}"
+    for name in [KUBELET_SOCKET] + [plugin_socket_name(d) for d in devices]:
+        path = os.path.join(plugin_dir, name)
+        size = len(os.fsencode(path)) + (0 if name == KUBELET_SOCKET else BIND_SUFFIX_BYTES)
+        if size > UNIX_PATH_MAX:
+            return (f"socket path {path} is {len(os.fsencode(path))} bytes; a unix socket path is limited "
+                    f"to {UNIX_PATH_MAX}, and the plugin first binds it under a name "
+                    f"{BIND_SUFFIX_BYTES} bytes longer")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else TextFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    logging.getLogger("grpc._cython.cygrpc").addFilter(PeerGoneFilter())
     host_root = os.path.abspath(args.host_root)
     if args.check:
         return run_check(args.devices, host_root)
 
     plugin_dir = os.path.abspath(args.plugin_dir)
-    for name in [KUBELET_SOCKET] + [plugin_socket_name(d) for d in args.devices]:
-        path = os.path.join(plugin_dir, name)
-        if len(os.fsencode(path)) > UNIX_PATH_MAX:
-            parser.error(
-                f"socket path {path} is {len(os.fsencode(path))} bytes; "
-                f"a unix socket path is limited to {UNIX_PATH_MAX}"
-            )
+    problem = plugin_dir_problem(plugin_dir, args.devices)
+    if problem:
+        parser.error(problem)
 
     permissions = resolve_permissions(args.permissions)
 
@@ -1291,12 +1590,20 @@ def main(argv: list[str] | None = None) -> int:
             )
             for name in args.devices
         ]
-        daemon = Daemon(plugins, plugin_dir, args.metrics_port)
+        daemon = Daemon(plugins, plugin_dir, args.metrics_port, args.metrics_address)
         log.info(
             "serving %s with %d devices each (permissions %s, host root %s, plugin dir %s)",
             ", ".join(p.resource_name for p in plugins), args.count, permissions, host_root, plugin_dir,
         )
-        return await daemon.run()
+        code = await daemon.run()
+        if any(plugin.servers_stopping for plugin in plugins):
+            # A server whose peer stopped reading never finishes stopping, and
+            # asyncio.run() would wait for gRPC's executor thread forever. The
+            # sockets are gone and the kubelet was told: nothing is left to do.
+            log.warning("exiting while a gRPC server is still stopping (a client stopped reading)")
+            logging.shutdown()
+            os._exit(code)
+        return code
 
     return asyncio.run(serve())
 
