@@ -41,6 +41,7 @@ import socket
 import stat
 import threading
 import time
+import urllib.parse
 from concurrent import futures
 from typing import Any, Callable
 
@@ -64,6 +65,13 @@ _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 # device nodes under a temporary host root. Name -> (path under the root,
 # misc minor); misc devices all have major 10.
 DEVICE_NODES = {"kvm": ("dev/kvm", 232), "tun": ("dev/net/tun", 200), "vhost-net": ("dev/vhost-net", 238)}
+
+
+def unix_target(path: str) -> str:
+    """gRPC's target for a unix socket path. gRPC parses targets as URIs, so
+    '#', '?' and '%' are percent-encoded (the kubelet, in Go, dials the path
+    as it is). A ',' cannot be dialled in any form."""
+    return "unix://" + urllib.parse.quote(path, safe="/")
 
 
 def mknod(path: str, minor: int, major: int = 10) -> None:
@@ -130,7 +138,7 @@ class Endpoint:
         self.resource = resource
         self.socket_path = socket_path
         self.options = options
-        self.channel = grpc.insecure_channel(f"unix://{socket_path}", options=CHANNEL_OPTIONS)
+        self.channel = grpc.insecure_channel(unix_target(socket_path), options=CHANNEL_OPTIONS)
         if messages is pb:
             self.stub = pb_grpc.DevicePluginStub(self.channel)
         else:
@@ -234,7 +242,7 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
                     response_serializer=self.messages.Empty.SerializeToString,
                 )},
             ),))
-        server.add_insecure_port(f"unix://{self.socket_path}")
+        server.add_insecure_port(unix_target(self.socket_path))
         server.start()
         with self.cond:
             self.generation += 1

@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -22,8 +23,9 @@ import grpc
 import pytest
 
 import deviceplugin_pb2 as pb
+import deviceplugin_pb2_grpc as pb_grpc
 import kvm_device_plugin as kdp
-from fake_kubelet import FakeKubelet, make_device_nodes, mknod, unknown_fields
+from fake_kubelet import DEVICE_NODES, FakeKubelet, make_device_nodes, mknod, unknown_fields
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "kvm_device_plugin.py")
@@ -64,6 +66,7 @@ class Env:
         self.host = os.path.join(self.root, "host")
         self.kubelet = FakeKubelet(self.plugin_dir, **KUBELETS[kubelet])
         self.plugins: list[PluginProcess] = []
+        self.helpers: list[subprocess.Popen] = []  # other processes a test starts
         make_device_nodes(self.host)
 
     def node(self, relative: str) -> str:
@@ -82,6 +85,9 @@ class Env:
     def close(self) -> None:
         for process in self.plugins:
             process.kill()
+        for helper in self.helpers:
+            helper.kill()  # SIGKILL ends a stopped process too
+            helper.wait()
         self.kubelet.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -959,3 +965,309 @@ def test_garbage_on_the_status_port_is_dropped_and_serving_goes_on(served):
                 pass
     assert http_get(served.port, "/readyz") == (200, "ready\n")
     assert "Traceback" not in served.plugin.log() and "ERROR" not in served.plugin.log()
+
+
+# ---------------------------------------------------------------------------
+# Hostile and buggy peers: other clients on the plugin's sockets, the status
+# port, files planted in shared directories, signals, flapping nodes
+# ---------------------------------------------------------------------------
+
+# A client that opens ListAndWatch, takes one message and then stops reading:
+# SIGSTOP keeps its connection open with nothing ever read again.
+STALLED_READER = """
+import os, signal, sys
+import grpc
+import deviceplugin_pb2 as pb, deviceplugin_pb2_grpc as pb_grpc
+from fake_kubelet import unix_target
+stream = pb_grpc.DevicePluginStub(grpc.insecure_channel(unix_target(sys.argv[1]))).ListAndWatch(pb.Empty())
+next(stream)
+print("read one", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def plugin_socket(env: Env, name: str) -> str:
+    return os.path.join(env.plugin_dir, kdp.plugin_socket_name(name))
+
+
+def start_stalled_reader(env: Env, socket_path: str) -> subprocess.Popen:
+    reader = subprocess.Popen([sys.executable, "-c", STALLED_READER, socket_path], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True)
+    env.helpers.append(reader)
+    assert reader.stdout.readline() == "read one\n"
+    assert settles(lambda: open(f"/proc/{reader.pid}/stat").read().split(") ")[1][0] == "T")
+    return reader
+
+
+def flip(env: Env, name: str, times: int, wait: bool = True) -> None:
+    relative, minor = DEVICE_NODES[name]
+    node = env.node(relative)
+    for _ in range(times):
+        os.unlink(node)
+        if wait:
+            assert wait_health(env, name, "Unhealthy")
+        mknod(node, minor)
+        if wait:
+            assert wait_health(env, name, "Healthy")
+
+
+def test_a_stalled_stream_reader_blocks_neither_restarts_nor_shutdown(env):
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "110", "--devices", "kvm")
+    assert env.kubelet.wait_registered([resource("kvm")], 110), plugin.log()
+    start_stalled_reader(env, plugin_socket(env, "kvm"))
+    # Enough full lists to fill the stalled stream's HTTP/2 window many times.
+    flip(env, "kvm", 40)
+    env.kubelet.restart()
+    assert env.kubelet.wait_registered([resource("kvm")], 110, min_registrations=2), plugin.log()
+    flip(env, "kvm", 2)  # the new kubelet stream follows health as before
+    env.kubelet.restart()
+    assert env.kubelet.wait_registered([resource("kvm")], 110, min_registrations=3), plugin.log()
+    assert plugin.terminate() == 0
+    assert env.kubelet.state(resource("kvm")).devices == {}  # the empty list arrived
+    assert not [n for n in os.listdir(env.plugin_dir) if n.startswith("kvm-device-plugin")]
+
+
+def test_other_clients_streams_are_served_capped_and_change_nothing(served):
+    kubelet, names = served.kubelet, [resource(n) for n in DEFAULT]
+    socket_path = plugin_socket(served, "kvm")
+    with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+        stub = pb_grpc.DevicePluginStub(channel)
+        for _ in range(30):  # a monitoring tool that polls: open, read, drop
+            stream = stub.ListAndWatch(pb.Empty())
+            assert len(next(stream).devices) == 3
+            stream.cancel()
+            assert kubelet.allocate(resource("kvm"), [["kvm0"]]).container_responses
+        held = [stub.ListAndWatch(pb.Empty()) for _ in range(kdp.MAX_OTHER_STREAMS)]
+        for stream in held:
+            next(stream)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.ListAndWatch(pb.Empty()))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for stream in held:
+            stream.cancel()
+    time.sleep(0.3)  # what the plugin would do about the ended streams, it has done
+    assert all(kubelet.state(name).registrations == 1 and kubelet.state(name).stream_open for name in names)
+    assert "registering again" not in served.plugin.log()
+    values = metric_values(http_get(served.port, "/metrics")[1])
+    assert values["registered", resource("kvm")] == 1 and values["reregistrations_total", resource("kvm")] == 0
+    # Readiness is the kubelet's stream, not any stream: end it, and a
+    # foreign one open meanwhile does not make the plugin look registered.
+    with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+        foreign = pb_grpc.DevicePluginStub(channel).ListAndWatch(pb.Empty())
+        next(foreign)
+        kubelet.end_stream(resource("kvm"))
+        assert kubelet.wait_for(lambda: kubelet.state(resource("kvm")).registrations == 2, WAIT_S)
+        foreign.cancel()
+    assert kubelet.wait_registered(names, 3, min_registrations=1)
+    assert http_get(served.port, "/readyz")[0] == 200
+
+
+def raw_call(socket_path: str, method: str, payload: bytes) -> grpc.RpcError:
+    with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+        call = channel.unary_unary(f"/v1beta1.DevicePlugin/{method}")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as error:
+            call(payload, timeout=WAIT_S)
+    return error.value
+
+
+def test_oversized_ids_and_undecodable_requests_are_invalid_argument_in_one_short_line(running):
+    huge = "kvm" + "9" * 1_000_000
+    with pytest.raises(grpc.RpcError) as error:
+        running.kubelet.allocate(resource("kvm"), [[huge]])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown device ID 'kvm999" in error.value.details() and len(error.value.details()) < 300
+    socket_path = plugin_socket(running, "kvm")
+    for method in ("Allocate", "GetDevicePluginOptions"):
+        error = raw_call(socket_path, method, b"\xff\xff\xff\xff")
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+        assert "devices.kubevirt.io/kvm: 4 request bytes do not decode" in error.details()
+    log = running.plugin.log()
+    assert max(len(line) for line in log.splitlines()) < 400
+    assert len(re.findall(r"WARNING devices\.kubevirt\.io/kvm: 4 request bytes do not decode as "
+                          r"(AllocateRequest|Empty)\n", log)) == 2
+    assert "Traceback" not in log
+    assert running.kubelet.allocate(resource("kvm"), [["kvm2"]]).container_responses
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT])
+def test_sighup_and_sigquit_stop_cleanly_like_sigterm(running, signum):
+    running.plugin.proc.send_signal(signal.SIGUSR1)  # means nothing here: ignored
+    running.plugin.wait_log(r"ignoring SIGUSR1")
+    assert running.plugin.proc.poll() is None
+    running.plugin.proc.send_signal(signum)
+    assert running.plugin.proc.wait(WAIT_S) == 0
+    running.plugin.wait_log(rf"received {signal.Signals(signum).name}: shutting down")
+    for name in DEFAULT:
+        assert running.kubelet.state(resource(name)).devices == {}  # the empty list arrived
+    assert not [n for n in os.listdir(running.plugin_dir) if n.startswith("kvm-device-plugin")]
+
+
+def test_a_node_flapping_a_thousand_times_is_reported_each_way(env):
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "1", "--devices", "kvm")
+    assert env.kubelet.wait_registered([resource("kvm")], 1), plugin.log()
+    flip(env, "kvm", 1000)
+    # And back to back, without waiting: the last state is the one that holds.
+    flip(env, "kvm", 200, wait=False)
+    assert wait_health(env, "kvm", "Healthy"), plugin.log()[-2000:]
+
+
+def test_a_symlink_planted_in_the_cdi_directory_is_never_written_through(env):
+    cdi_dir = os.path.join(env.root, "cdi")
+    os.makedirs(cdi_dir)
+    victim = os.path.join(env.root, "victim")
+    with open(victim, "w") as f:
+        f.write("precious\n")
+    spec = os.path.join(cdi_dir, "devices.kubevirt.io-kvm.json")
+    planted = [os.path.join(cdi_dir, ".devices.kubevirt.io-kvm.json.tmp"), spec]  # the old fixed name, the spec
+    for link in planted:
+        os.symlink(victim, link)
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "1", "--devices", "kvm", "--cdi-spec-dir", cdi_dir)
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: wrote CDI spec")
+
+    def replant() -> bool:
+        try:
+            os.unlink(spec)
+            os.symlink(victim, spec)
+            return True
+        except (FileNotFoundError, FileExistsError):
+            return False  # the plugin was quicker; again
+    for _ in range(20):  # the spec is rewritten each time, never through the link
+        assert settles(replant)
+        assert settles(lambda: not os.path.islink(spec) and os.path.isfile(spec))
+    assert open(victim).read() == "precious\n"
+    assert os.path.islink(planted[0])  # somebody else's file: left alone
+    assert read_json(spec)["kind"] == resource("kvm")
+    assert stat.S_IMODE(os.stat(spec).st_mode) == 0o644
+
+
+@pytest.mark.parametrize("character", ["#", "?", "%", "%41"])
+def test_a_plugin_dir_with_uri_characters_works(env, character):
+    env.kubelet = FakeKubelet(os.path.join(env.root, f"d{character}p"))
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm", plugin_dir=env.kubelet.plugin_dir)
+    assert env.kubelet.wait_registered([resource("kvm")], 2), plugin.log()
+    assert env.kubelet.allocate(resource("kvm"), [["kvm1"]]).container_responses
+    env.kubelet.restart()
+    assert env.kubelet.wait_registered([resource("kvm")], 2, min_registrations=2), plugin.log()
+    assert plugin.terminate() == 0
+
+
+@pytest.mark.parametrize("plugin_dir, message", [
+    ("/tmp/a,b", r"contains ',', which gRPC reads as a list of addresses"),
+    (b"/tmp/\xff".decode(errors="surrogateescape"), r"is not valid UTF-8"),
+    ("/etc/hostname", r"--plugin-dir /etc/hostname is a regular file, not a directory"),
+])
+def test_a_plugin_dir_the_plugin_cannot_use_is_refused_at_startup(plugin_dir, message):
+    result = subprocess.run([sys.executable, SCRIPT, "--plugin-dir", plugin_dir], capture_output=True,
+                            timeout=WAIT_S)
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 2 and len(stderr.splitlines()) == 1, stderr
+    assert re.search(message, stderr), stderr
+
+
+# Makes the first three Register attempts fail with a bug-like exception.
+FAULTY_REGISTRATION = """
+import sys
+import kvm_device_plugin as kdp
+failures = []
+original = kdp.DevicePlugin._call_register
+async def faulty(self):
+    if len(failures) < 3:
+        failures.append(1)
+        raise ZeroDivisionError("injected")
+    await original(self)
+kdp.DevicePlugin._call_register = faulty
+sys.exit(kdp.main(sys.argv[1:]))
+"""
+
+
+def test_an_unexpected_error_in_registration_is_logged_once_and_retried(env):
+    env.kubelet.start()
+    plugin = PluginProcess([sys.executable, "-c", FAULTY_REGISTRATION, "--plugin-dir", env.plugin_dir,
+                            "--host-root", env.host, "--count", "2", "--devices", "kvm"], env.root, None)
+    env.plugins.append(plugin)
+    assert env.kubelet.wait_registered([resource("kvm")], 2), plugin.log()
+    log = plugin.log()
+    assert log.count("ZeroDivisionError: injected") == 2  # the warning, the traceback's last line
+    assert log.count("Traceback") == 1 and "never retrieved" not in log
+    assert plugin.terminate() == 0
+
+
+def test_a_status_flood_neither_grows_memory_nor_keeps_clients_out(env):
+    env.kubelet.start()
+    port = free_port()
+    plugin = env.start_plugin("--count", "3", "--metrics-port", str(port), "--metrics-address", "127.0.0.1")
+    assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 3), plugin.log()
+    with pytest.raises(OSError):  # bound to 127.0.0.1 only
+        socket.create_connection(("127.0.0.2", port), timeout=2).close()
+    flood = []
+    try:
+        for _ in range(300):  # each a 60 KB header line that never ends
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 60_000)
+            flood.append(conn)
+        status, text = http_get(port, "/metrics")
+        assert status == 200 and "kvm_device_plugin_registered" in text
+        # Past the cap the oldest connections were dropped.
+        closed = 0
+        for conn in flood[:100]:
+            conn.settimeout(5)
+            try:
+                closed += conn.recv(1) == b""
+            except ConnectionResetError:
+                closed += 1
+        assert closed == 100
+    finally:
+        for conn in flood:
+            conn.close()
+    assert http_get(port, "/healthz") == (200, "ok\n")
+    assert "Traceback" not in plugin.log()
+
+
+def test_accept_errors_are_logged_once_per_cause(env):
+    env.kubelet.start()
+    port = free_port()
+    # A file descriptor limit the flood below runs into.
+    plugin = env.start_plugin("--count", "3", "--metrics-port", str(port), prefix=[
+        sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)); "
+        "os.execvp(sys.argv[1], sys.argv[1:])"])
+    assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 3), plugin.log()
+    flood = []
+    try:
+        for _ in range(60):
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        plugin.wait_log(r"ERROR .*Too many open files")
+        time.sleep(1.2)  # asyncio retries accept() every second
+    finally:
+        for conn in flood:
+            conn.close()
+    assert len(re.findall(r"ERROR socket\.accept\(\) out of system resource", plugin.log())) == 1, plugin.log()
+    assert settles(lambda: http_get(port, "/readyz") == (200, "ready\n"))
+
+
+def test_liveness_does_not_flap_through_kubelet_restarts(served):
+    answers = []
+    for _ in range(5):
+        time.sleep(kdp.HEALTHZ_REUSE_S)  # the verdict is computed afresh below
+        served.kubelet.restart()
+        # Right into the restart, while sockets come and go.
+        answers.append(http_get(served.port, "/healthz")[0])
+    assert answers == [200] * len(answers)
+
+
+def test_a_registration_under_way_for_too_long_fails_liveness():
+    plugin = kdp.DevicePlugin(kdp.DEVICE_TABLE["kvm"], resource("kvm"), 1, "rw", "/nonexistent", "/")
+
+    class Pending:
+        @staticmethod
+        def done() -> bool:
+            return False
+    assert plugin.registration_overdue() is None  # no registration at all
+    plugin.registration = Pending()
+    plugin.registration_started = time.monotonic() - kdp.REGISTRATION_OVERDUE_S / 2
+    assert plugin.registration_overdue() is None
+    plugin.registration_started = time.monotonic() - kdp.REGISTRATION_OVERDUE_S - 1
+    assert plugin.registration_overdue() > kdp.REGISTRATION_OVERDUE_S
