@@ -42,6 +42,24 @@ rss_growth_mb_100_restarts  VmRSS after the restart series minus before it (1 s
                   before/after: entries in /proc/PID/fd and /task at those times.
                   registrations_per_restart: Register calls per resource (1 = ok).
 
+reregister_ms_with_stalled_reader  --devices kvm: a second client opened
+                  ListAndWatch, read one message and stopped reading (SIGSTOP),
+                  then 40 health flips filled its HTTP/2 window; median (and
+                  _max_) of 30 restarts (quick: 10) as in reregister_ms_*.
+                  shutdown_ms_with_stalled_reader: then SIGTERM to exit 0.
+rss_mb_status_flood  VmRSS with 1000 connections to --metrics-port each holding
+                  a 60 KB header line that never ends (a /metrics request must
+                  answer 200 meanwhile); rss_mb_after_status_flood: 1 s after
+                  they all closed.
+rss_growth_mb_1000_restarts  VmRSS after 1000 kubelet restarts (quick: 200,
+                  same key) minus before (after 5 warm-up restarts, 1 s idle
+                  each time), with MALLOC_ARENA_MAX=2 as deployed; _default_arenas:
+                  the same without it.
+Every plugin here runs with DEPLOYED_ENV, the environment the DaemonSet and the
+image set. --soak SECONDS runs instead one plugin under a steady mixed load and
+reports its RSS slope (see soak()); with --tracemalloc, what grew, by traceback,
+goes to soak-tracemalloc.txt.
+
 Nothing is asserted: a table, then as the last line one JSON object. Every
 process and directory made is removed even on error; every wait is bounded.
 """
@@ -79,8 +97,15 @@ WAIT_S = 10.0  # bound for anything that should take milliseconds
 SETTLE_S = 1.5  # idle time before an RSS reading
 ALLOCATIONS = 2000
 CALLERS = 16
-FULL = {"health_reps": 30, "restarts": 100, "timed_restarts": 50, "idle_cpu_s": 20.0, "late_kubelet_s": 3.0}
-QUICK = {"health_reps": 10, "restarts": 30, "timed_restarts": 30, "idle_cpu_s": 5.0, "late_kubelet_s": 1.5}
+FULL = {"health_reps": 30, "restarts": 100, "timed_restarts": 50, "idle_cpu_s": 20.0, "late_kubelet_s": 3.0,
+        "long_restarts": 1000, "stalled_restarts": 30}
+QUICK = {"health_reps": 10, "restarts": 30, "timed_restarts": 30, "idle_cpu_s": 5.0, "late_kubelet_s": 1.5,
+         "long_restarts": 200, "stalled_restarts": 10}
+# What the DaemonSet and the image set: glibc's malloc otherwise keeps an arena
+# per thread that ever allocated (gRPC's threads come and go), which grows RSS
+# with every kubelet restart. The plugin runs with it in every figure here.
+DEPLOYED_ENV = {"MALLOC_ARENA_MAX": "2"}
+FLOOD_CONNECTIONS = 1000
 
 
 def resource(name: str) -> str:
@@ -90,8 +115,10 @@ def resource(name: str) -> str:
 class Rig:
     """A temporary directory with device nodes, the stand-in and one plugin process."""
 
-    def __init__(self, count: int, devices: tuple[str, ...] = DEFAULT) -> None:
-        self.count, self.devices = count, devices
+    def __init__(self, count: int, devices: tuple[str, ...] = DEFAULT, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.count, self.devices, self.args = count, devices, args
+        self.env = {**os.environ, **(DEPLOYED_ENV if env is None else env)}
         self.names = [resource(d) for d in devices]
         self.root = tempfile.mkdtemp(prefix="kdpb", dir="/tmp")
         self.plugin_dir = os.path.join(self.root, "dp")
@@ -100,6 +127,8 @@ class Rig:
         self.kubelet = FakeKubelet(self.plugin_dir)
         self.proc: subprocess.Popen | None = None
         self.pid = 0
+        self.helpers: list[subprocess.Popen] = []  # other processes, killed on close
+        self.wrapper = [sys.executable, SCRIPT]  # how the plugin is started
 
     def __enter__(self) -> Rig:
         return self
@@ -119,11 +148,11 @@ class Rig:
         make_device_nodes(self.host)
         if not kubelet_late_s:
             self.kubelet.start()
-        argv = [sys.executable, SCRIPT, "--plugin-dir", self.plugin_dir, "--host-root", self.host,
-                "--count", str(self.count), "--devices", ",".join(self.devices)]
+        argv = [*self.wrapper, "--plugin-dir", self.plugin_dir, "--host-root", self.host,
+                "--count", str(self.count), "--devices", ",".join(self.devices), *self.args]
         with open(self.log_path, "wb") as log:
             t0 = time.monotonic()
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=self.env)
         self.pid = self.proc.pid
         if kubelet_late_s:
             time.sleep(kubelet_late_s)
@@ -183,6 +212,9 @@ class Rig:
             return "(no log)"
 
     def close(self) -> None:
+        for helper in self.helpers:
+            helper.kill()
+            helper.wait()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -252,7 +284,7 @@ def allocate_latencies(rig: Rig, callers: int) -> tuple[list[float], int]:
     return [ms for took, _ in results for ms in took], sum(errors for _, errors in results)
 
 
-def health_latencies(rig: Rig, reps: int) -> tuple[list[float], list[float]]:
+def health_latencies(rig: Rig, reps: int, pause_s: float = 0.1) -> tuple[list[float], list[float]]:
     """ms from unlink to an all-Unhealthy list, and from mknod to all-Healthy."""
     kvm, (path, minor) = resource("kvm"), (rig.node("kvm"), DEVICE_NODES["kvm"][1])
     state = rig.kubelet.state(kvm)
@@ -270,9 +302,9 @@ def health_latencies(rig: Rig, reps: int) -> tuple[list[float], list[float]]:
     down, up = [], []
     for _ in range(reps):
         down.append(flip(lambda: os.unlink(path), "Unhealthy"))
-        time.sleep(0.1)
+        time.sleep(pause_s)
         up.append(flip(lambda: mknod(path, minor), "Healthy"))
-        time.sleep(0.1)
+        time.sleep(pause_s)
     return down, up
 
 
@@ -289,6 +321,54 @@ def restart_series(rig: Rig, restarts: int) -> tuple[list[float], float]:
     regs_after = rig.baseline()
     per_restart = statistics.mean(regs_after[n][0] - regs_before[n][0] for n in rig.names) / restarts
     return took, per_restart
+
+
+# A client that opens ListAndWatch, reads one message, then stops reading.
+STALLED_READER = """
+import os, signal, sys
+import grpc
+import deviceplugin_pb2 as pb, deviceplugin_pb2_grpc as pb_grpc
+from fake_kubelet import unix_target
+stream = pb_grpc.DevicePluginStub(grpc.insecure_channel(unix_target(sys.argv[1]))).ListAndWatch(pb.Empty())
+next(stream)
+print("read one", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def stall_a_reader(rig: Rig, flips: int = 40) -> None:
+    """A stalled ListAndWatch reader on the kvm socket, its HTTP/2 window filled by health flips."""
+    socket_path = os.path.join(rig.plugin_dir, "kvm-device-plugin-kvm.sock")
+    reader = subprocess.Popen([sys.executable, "-c", STALLED_READER, socket_path], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True)
+    rig.helpers.append(reader)
+    if reader.stdout.readline() != "read one\n":
+        raise RuntimeError("the stalled reader read nothing")
+    health_latencies(rig, flips // 2, pause_s=0.0)
+
+
+def status_flood_rss(rig: Rig, port: int) -> tuple[float, float]:
+    """VmRSS (MB) with FLOOD_CONNECTIONS connections each holding a 60 KB header
+    line that never ends, and after they closed; /metrics must answer meanwhile."""
+    import socket
+    import urllib.request
+    flood = []
+    try:
+        for _ in range(FLOOD_CONNECTIONS):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            try:
+                conn.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 60_000)
+            except OSError:
+                pass  # dropped for a newer one already
+            flood.append(conn)
+        during = rss_mb(rig.pid)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            if response.status != 200:
+                raise RuntimeError(f"/metrics answered {response.status} under the flood")
+    finally:
+        for conn in flood:
+            conn.close()
+    return during, process_facts(rig.pid)[0]
 
 
 def process_facts(pid: int) -> tuple[float, int, int]:
@@ -325,6 +405,37 @@ def bench_default(plan: dict[str, float], r: dict[str, float]) -> None:
         r["late_kubelet_ms"] = rig.start(kubelet_late_s=plan["late_kubelet_s"])
 
 
+def bench_hostile(plan: dict[str, float], r: dict[str, float]) -> None:
+    """Figures under hostile or careless peers, and memory over many restarts."""
+    with Rig(110, ("kvm",)) as rig:
+        rig.start()
+        stall_a_reader(rig)
+        took, _ = restart_series(rig, plan["stalled_restarts"])
+        r["reregister_ms_with_stalled_reader"] = statistics.median(took)
+        r["reregister_ms_max_with_stalled_reader"] = max(took)
+        r["shutdown_ms_with_stalled_reader"] = rig.shutdown_ms()
+    port = free_port()
+    with Rig(110, args=("--metrics-port", str(port))) as rig:
+        rig.start()
+        time.sleep(SETTLE_S)
+        r["rss_mb_status_flood"], r["rss_mb_after_status_flood"] = status_flood_rss(rig, port)
+    for key, env in (("rss_growth_mb_1000_restarts", None),
+                     ("rss_growth_mb_1000_restarts_default_arenas", {})):
+        with Rig(110, env=env) as rig:
+            rig.start()
+            restart_series(rig, 5)  # warm-up: the first restarts load code paths
+            before = process_facts(rig.pid)[0]
+            restart_series(rig, plan["long_restarts"])
+            r[key] = process_facts(rig.pid)[0] - before
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def bench_large(r: dict[str, float]) -> None:
     """Startup and memory with --count 10000 and 100000, each in a fresh process and directory."""
     with Rig(10_000) as rig:
@@ -337,9 +448,99 @@ def bench_large(r: dict[str, float]) -> None:
         r["rss_mb_idle_100000"] = rss_mb(rig.pid)
 
 
+# The plugin under tracemalloc: what grew between `warm-up` seconds after start
+# and its exit, largest first, into a file. Used by --soak --tracemalloc only
+# (tracing makes every allocation slower and bigger).
+TRACED_PLUGIN = """
+import asyncio, sys, tracemalloc
+import kvm_device_plugin as kdp
+warm_up_s, report, argv = float(sys.argv[1]), sys.argv[2], sys.argv[3:]
+tracemalloc.start(25)
+baseline = []
+plain_run = kdp.Daemon.run
+
+async def traced_run(self):
+    async def take_baseline():
+        await asyncio.sleep(warm_up_s)
+        baseline.append(tracemalloc.take_snapshot())
+    timer = asyncio.ensure_future(take_baseline())
+    try:
+        return await plain_run(self)
+    finally:
+        timer.cancel()
+        if baseline:
+            growth = tracemalloc.take_snapshot().compare_to(baseline[0], "traceback")
+            with open(report, "w") as f:
+                for stat in growth[:12]:
+                    f.write(f"{stat}\\n    " + "\\n    ".join(stat.traceback.format()[-14:]) + "\\n\\n")
+
+kdp.Daemon.run = traced_run
+sys.exit(kdp.main(argv))
+"""
+
+
+def soak(seconds: float, traced: bool) -> dict[str, float]:
+    """The plugin under a steady mixed load for `seconds`: per second 20 Allocate
+    calls, 2 health flips of kvm, 3 HTTP requests (/metrics, /healthz, /readyz),
+    and a kubelet restart every 3 s. VmRSS is read every 10 s; the slope is a
+    least-squares fit over the readings after the first fifth (warm-up)."""
+    import urllib.request
+    port = free_port()
+    with Rig(110, args=("--metrics-port", str(port))) as rig:
+        if traced:
+            report = os.path.join(HERE, "soak-tracemalloc.txt")
+            rig.wrapper = [sys.executable, "-c", TRACED_PLUGIN, str(seconds / 5), report]
+        rig.start()
+        kvm, (path, minor) = resource("kvm"), (rig.node("kvm"), DEVICE_NODES["kvm"][1])
+        counts = {"allocations": 0, "allocation_errors": 0, "restarts": 0, "flips": 0, "http": 0}
+        samples: list[tuple[float, float]] = []
+        start = time.monotonic()
+        tick = 0
+        while (now := time.monotonic() - start) < seconds:
+            if tick % 10 == 0:  # every 0.5 s: an HTTP request or three, a flip
+                for page in ("/metrics", "/healthz", "/readyz")[: 2 if tick % 20 else 1]:
+                    try:
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}{page}", timeout=5).close()
+                    except OSError:
+                        pass  # 503 while the kubelet restarts
+                    counts["http"] += 1
+                if os.path.exists(path):
+                    os.unlink(path)
+                else:
+                    mknod(path, minor)
+                counts["flips"] += 1
+            if tick % 60 == 0 and tick:  # every 3 s
+                base = rig.baseline()
+                rig.kubelet.restart()
+                rig.wait_lists(base)
+                counts["restarts"] += 1
+            try:
+                rig.kubelet.stub(kvm).Allocate(pb.AllocateRequest(container_requests=[
+                    pb.ContainerAllocateRequest(devices_ids=[f"kvm{tick % 110}"])]), timeout=WAIT_S)
+            except grpc.RpcError:
+                counts["allocation_errors"] += 1  # kvm is Unhealthy half the time: refused
+            counts["allocations"] += 1
+            if not samples or now - samples[-1][0] >= 10:
+                samples.append((now, rss_mb(rig.pid)))
+            tick += 1
+            time.sleep(max(0.0, start + tick * 0.05 - time.monotonic()))
+        samples.append((time.monotonic() - start, rss_mb(rig.pid)))
+        if not os.path.exists(path):
+            mknod(path, minor)
+        rig.shutdown_ms()
+    fitted = [(t, mb) for t, mb in samples if t >= seconds / 5]
+    mean_t, mean_mb = statistics.mean(t for t, _ in fitted), statistics.mean(mb for _, mb in fitted)
+    slope = (sum((t - mean_t) * (mb - mean_mb) for t, mb in fitted)
+             / sum((t - mean_t) ** 2 for t, _ in fitted))
+    return {"soak_s": seconds, "soak_rss_mb_start": samples[0][1], "soak_rss_mb_end": samples[-1][1],
+            "soak_rss_mb_max": max(mb for _, mb in samples), "soak_rss_slope_mb_per_hour": slope * 3600,
+            **{f"soak_{k}": v for k, v in counts.items()}}
+
+
 def run(quick: bool) -> dict[str, float]:
     results: dict[str, float] = {}
     bench_default(QUICK if quick else FULL, results)
+    bench_hostile(QUICK if quick else FULL, results)
     bench_large(results)
     return {k: round(v, 3) for k, v in results.items()}
 
@@ -370,11 +571,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="fewer repetitions and a shorter idle window (same keys)")
+    parser.add_argument("--soak", type=float, metavar="SECONDS",
+                        help="instead: the soak run alone, this long (the issue's was 1200)")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="with --soak: trace the plugin's allocations, the growth into soak-tracemalloc.txt")
     args = parser.parse_args()
     # SIGTERM would otherwise skip the finally blocks that remove processes and dirs.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # The status flood holds FLOOD_CONNECTIONS sockets open at once.
+    import resource as limits
+    soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
+    limits.setrlimit(limits.RLIMIT_NOFILE, (max(soft, min(hard, 4 * FLOOD_CONNECTIONS)), hard))
     facts = machine_facts()
-    results = run(args.quick)
+    if args.soak:
+        results = {k: round(v, 3) for k, v in soak(args.soak, args.tracemalloc).items()}
+    else:
+        results = run(args.quick)
     print_table(facts, results, args.quick)
     print(json.dumps(results), flush=True)
     return 0

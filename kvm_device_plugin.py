@@ -354,8 +354,10 @@ class NodeChecker:
                 return ("refused", f"{name}: {e.strerror}"), None
             if e.errno in (errno.ENODEV, errno.ENXIO):
                 return ("nodriver", name), None
-            if e.errno in (errno.ENOENT, errno.ELOOP):
+            if e.errno == errno.ENOENT:
                 return ("error", f"{kind.path} vanished while being checked"), None
+            if e.errno == errno.ELOOP:
+                return ("error", f"{kind.path} was replaced by a symbolic link while being checked"), None
             return ("error", f"cannot open {kind.path}: {name} {e.strerror}"), None
         try:
             opened = os.fstat(fd)
@@ -1529,14 +1531,41 @@ def resolve_permissions(choice: str) -> str:
     return "rwm" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "rw"
 
 
+def non_root_access(path: str) -> str | None:
+    """The node's mode, owner and group, and whether a container process that
+    is not root can open it read-write as it is; None when it is not there.
+
+    The runtime creates the container's node with the host node's mode, uid
+    and gid, unless it is told to give it the pod's (containerd and CRI-O:
+    device_ownership_from_security_context). Without CAP_DAC_OVERRIDE only
+    the permission bits decide.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    owner = f"{stat.filemode(st.st_mode)} uid {st.st_uid} gid {st.st_gid}"
+    if st.st_mode & 0o006 == 0o006:
+        return f"{owner}: non-root containers can open it"
+    if st.st_mode & 0o060 == 0o060:
+        return (f"{owner}: non-root containers can open it with supplementalGroups [{st.st_gid}], "
+                "or with the runtime's device_ownership_from_security_context")
+    return (f"{owner}: non-root containers cannot open it unless the runtime gives it the pod's "
+            "uid (device_ownership_from_security_context)")
+
+
 def run_check(devices: list[str], host_root: str) -> int:
     misc = read_proc_misc()
     all_healthy = True
     for name in devices:
         kind = DEVICE_TABLE[name]
-        verdict = NodeChecker(kind, host_root).check(misc)
+        checker = NodeChecker(kind, host_root)
+        verdict = checker.check(misc)
         all_healthy &= verdict.healthy
         print(f"{name:<12} {kind.path:<18} {verdict.state:<10} {verdict.reason}")
+        access = non_root_access(checker.node_path)
+        if access is not None:
+            print(f"{'':<12} {access}")
     return 0 if all_healthy else 1
 
 

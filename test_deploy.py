@@ -146,6 +146,16 @@ def test_dockerfile_entrypoint_is_the_daemonset_command(container):
     assert json.loads(entrypoints[0]) == container["command"]
 
 
+def test_the_benchmark_measures_the_environment_the_daemonset_and_the_image_set(container):
+    import bench_plugin
+    env = {entry["name"]: entry["value"] for entry in container.get("env", [])}
+    with open(os.path.join(HERE, "Dockerfile")) as f:
+        dockerfile = f.read()
+    for name, value in bench_plugin.DEPLOYED_ENV.items():
+        assert env.get(name) == value, f"daemonset.yaml sets {name}={env.get(name)}, the benchmark {value}"
+        assert f"{name}={value}" in dockerfile, f"the Dockerfile does not set {name}={value}"
+
+
 def test_dockerignore_lets_through_every_file_the_dockerfile_copies():
     with open(os.path.join(HERE, "Dockerfile")) as f:
         copies = [line.split()[1:] for line in f if line.startswith("COPY ")]

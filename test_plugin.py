@@ -587,8 +587,12 @@ def test_driver_missing_from_proc_misc_is_unhealthy_with_the_module_to_load(runn
 
 
 def run_check(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, SCRIPT, "--check", *args], capture_output=True,
-                          text=True, timeout=WAIT_S)
+    """--check; its stdout holds only the verdict lines (the indented access lines are dropped)."""
+    result = subprocess.run([*prefix, sys.executable, SCRIPT, "--check", *args], capture_output=True,
+                            text=True, timeout=WAIT_S)
+    result.access = [line.strip() for line in result.stdout.splitlines() if line.startswith(" ")]
+    result.stdout = "".join(line + "\n" for line in result.stdout.splitlines() if not line.startswith(" "))
+    return result
 
 
 def on_nodev_mount(directory: str) -> tuple[str, ...]:
@@ -612,6 +616,20 @@ def test_check_prints_a_verdict_per_device_and_exits_by_health(env):
     assert result.returncode == 1
     assert re.fullmatch(r"kvm +/dev/kvm +Unhealthy +/dev/kvm is missing \(load kernel module kvm_intel or kvm_amd\)",
                         result.stdout.strip())
+
+
+def test_check_says_whether_a_non_root_container_can_open_each_node(env):
+    os.chmod(env.node("dev/net/tun"), 0o666)
+    os.chown(env.node("dev/vhost-net"), 0, 36)
+    os.chmod(env.node("dev/vhost-net"), 0o660)
+    result = run_check("--host-root", env.host)
+    assert result.access == [  # kvm as mknod made it: 0600 root
+        "crw------- uid 0 gid 0: non-root containers cannot open it unless the runtime gives it the "
+        "pod's uid (device_ownership_from_security_context)",
+        "crw-rw-rw- uid 0 gid 0: non-root containers can open it",
+        "crw-rw---- uid 0 gid 36: non-root containers can open it with supplementalGroups [36], "
+        "or with the runtime's device_ownership_from_security_context",
+    ]
 
 
 def test_check_all_healthy_exits_0(env):
