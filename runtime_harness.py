@@ -31,7 +31,6 @@ import platform
 import shutil
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -85,6 +84,20 @@ def _is_static_elf(path: str) -> bool:
         f.seek(phoff)
         table = f.read(phentsize * phnum)
     return all(struct.unpack_from("<I", table, i * phentsize)[0] != 3 for i in range(phnum))
+
+
+def require_runtime() -> None:
+    """Skip (or, with KDP_REQUIRE_RUNTIME=1, fail) the calling test with one
+    line when the runtime tests cannot run here."""
+    import pytest
+
+    missing = missing_requirement()
+    if missing:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{missing} ({REQUIRE_ENV}=1 makes the runtime tests mandatory)")
+        pytest.skip(missing)
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("this machine has no /dev/kvm (no hardware virtualisation exposed)")
 
 
 def missing_requirement() -> str | None:
@@ -345,7 +358,8 @@ state = "{self.state}"
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for pid in self._leftover_pids():
+        pids, ids = self._leftovers()
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -358,15 +372,26 @@ state = "{self.state}"
             except OSError:
                 pass
         self._remove_cgroups()
-        self._remove_host_traces()
+        self._remove_host_traces(ids)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _remove_host_traces(self) -> None:
+    def _remove_host_traces(self, ids: set[str]) -> None:
+        """`ids`: sandboxes and containers containerd did not get to delete
+        (it was killed): their runc state, shim socket and CNI cache files."""
         results = os.path.join(CNI_CACHE, "results")
         if os.path.isdir(results):
             for name in os.listdir(results):
-                if name.startswith(self.network_name + "-"):
+                # <network>-<sandbox id>-<ifname>; the loopback network is containerd's own.
+                if name.startswith(self.network_name + "-") or any(f"-{i}-" in name for i in ids):
                     os.unlink(os.path.join(results, name))
+        for container_id in ids:
+            shutil.rmtree(os.path.join("/run/containerd/runc", CRI_NAMESPACE, container_id), ignore_errors=True)
+            # containerd 1.6 names a shim's socket by the hash of address/namespace/id.
+            digest = hashlib.sha256(os.path.join(self.socket, CRI_NAMESPACE, container_id).encode()).hexdigest()
+            try:
+                os.unlink(os.path.join("/run/containerd/s", digest))
+            except FileNotFoundError:
+                pass
         for top in HOST_TRACES:
             if top in self.preexisting or not os.path.isdir(top):
                 continue
@@ -377,8 +402,11 @@ state = "{self.state}"
                 except OSError:
                     pass
 
-    def _leftover_pids(self) -> set[int]:
+    def _leftovers(self) -> tuple[set[int], set[str]]:
+        """Processes of ours still running (shims, containers) and the ids of
+        sandboxes and containers whose cgroups or shims are still there."""
         pids: set[int] = set()
+        ids: set[str] = set()
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -387,18 +415,21 @@ state = "{self.state}"
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
-            # containerd-shim-runc-v2 ... -address <our socket> ...
+            # containerd-shim-runc-v2 -namespace k8s.io -id <sandbox id> -address <our socket>
             if b"-address" in argv and self.socket.encode() in argv:
                 pids.add(int(entry))
-        for controller in ("pids", "memory", "cpu", "devices"):
+                if b"-id" in argv[:-1]:
+                    ids.add(argv[argv.index(b"-id") + 1].decode())
+        # cgroup v2 has one tree, v1 one per controller (pids names every process).
+        for controller in ("", "pids"):
             top = os.path.join("/sys/fs/cgroup", controller, self.cgroup_parent.lstrip("/"))
             for dirpath, _, files in os.walk(top):
+                if dirpath != top:
+                    ids.add(os.path.basename(dirpath))
                 if "cgroup.procs" in files:
                     with open(os.path.join(dirpath, "cgroup.procs")) as f:
                         pids.update(int(line) for line in f if line.strip())
-            if os.path.isdir(top):
-                break
-        return pids
+        return pids, ids
 
     def _remove_cgroups(self) -> None:
         roots = ["/sys/fs/cgroup"]
@@ -413,6 +444,18 @@ state = "{self.state}"
                     os.rmdir(dirpath)
                 except OSError:
                     pass
+
+
+def start_containerd(name: str, ownership: bool, image_archive: str) -> Containerd:
+    """A started Containerd with the test image imported; stopped again if that fails."""
+    containerd = Containerd(name, device_ownership_from_security_context=ownership)
+    try:
+        containerd.start()
+        containerd.import_image(image_archive)
+    except BaseException:
+        containerd.stop()
+        raise
+    return containerd
 
 
 # ---------------------------------------------------------------------------
@@ -467,6 +510,9 @@ class RuntimeClient:
                 ),
             ),
         )
+        return self.start_sandbox(containerd, config)
+
+    def start_sandbox(self, containerd: Containerd, config: cri.PodSandboxConfig) -> Sandbox:
         before = set(os.listdir(NETNS_DIR)) if os.path.isdir(NETNS_DIR) else set()
         try:
             sandbox_id = self.stub.RunPodSandbox(cri.RunPodSandboxRequest(config=config),
@@ -763,3 +809,280 @@ class NodePlugin:
                 self.proc.wait()
         self.kubelet.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# The DaemonSet's pod, from daemonset.yaml, as the kubelet would run it
+# ---------------------------------------------------------------------------
+
+DAEMONSET_YAML = os.path.join(HERE, "daemonset.yaml")
+DOCKERFILE = os.path.join(HERE, "Dockerfile")
+KUBELET_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+APP_DIR = "/app"  # where the Dockerfile puts the project
+# The kubelet's oom_score_adj for a pod of priority system-node-critical (and
+# system-cluster-critical); restrict_oom_score_adj raises it to containerd's own.
+CRITICAL_POD_OOM_SCORE_ADJ = -997
+
+
+def load_daemonset(path: str = DAEMONSET_YAML) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as f:
+        for document in yaml.safe_load_all(f):
+            if document and document.get("kind") == "DaemonSet":
+                return document
+    raise ValueError(f"{path} has no DaemonSet")
+
+
+def dockerfile_env(path: str = DOCKERFILE) -> dict[str, str]:
+    """The Dockerfile's ENV (KEY=VALUE form): what the real image's config
+    carries, and a runtime merges under the container's own env."""
+    import shlex
+
+    env: dict[str, str] = {}
+    with open(path) as f:
+        text = f.read().replace("\\\n", " ")
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words and words[0].upper() == "ENV":
+            env.update(word.split("=", 1) for word in words[1:] if "=" in word)
+    return env
+
+
+def host_python_mounts() -> tuple[list[cri.Mount], str]:
+    """Mounts that give a container this process's Python and its virtual
+    environment, read-only at their own paths, and the PATH that finds the
+    venv's `python` first. The real image has its own Python; here the host's
+    stands in for it (the point is the security context and the mounts).
+
+    The venv's python is a symlink to the base interpreter (pyenv's, or
+    /usr/bin's); both trees are mounted, and the host's /usr for the C library
+    and the interpreter's shared libraries (through the image's /lib and /lib64,
+    symlinks into /usr on a merged-/usr host; elsewhere the host's are mounted)."""
+    venv = os.path.realpath(sys.prefix)
+    base = os.path.realpath(sys.base_prefix)
+    paths = ["/usr"]
+    for name in ("/lib", "/lib64"):
+        if os.path.isdir(name) and not os.path.islink(name):
+            paths.append(name)
+    for tree in (base, venv):
+        if not any(tree == p or tree.startswith(p + "/") for p in paths):
+            paths.append(tree)
+    mounts = [cri.Mount(container_path=p, host_path=p, readonly=True) for p in paths]
+    return mounts, f"{os.path.join(venv, 'bin')}:/usr/local/bin:/usr/bin:/bin"
+
+
+def _pod_template(daemonset: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    template = daemonset["spec"]["template"]
+    spec = template["spec"]
+    return template, spec, spec["containers"][0]
+
+
+def daemonset_sandbox_config(daemonset: dict[str, Any], containerd: Containerd, name: str) -> cri.PodSandboxConfig:
+    """The pod's sandbox as the kubelet configures it: metadata, labels and
+    annotations from the template; the pod's own network, IPC namespaces
+    (hostNetwork and hostIPC unset) and PID namespace per container (hostPID
+    unset); the sandbox's seccomp from the pod-level securityContext (none here: Unconfined)."""
+    template, spec, _ = _pod_template(daemonset)
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+    uid = str(uuid.uuid4())
+    namespace = daemonset["metadata"].get("namespace", "default")
+    log_dir = os.path.join(containerd.pod_logs, f"{namespace}_{name}_{uid}")
+    os.makedirs(log_dir)
+    profile = ((spec.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace=namespace),
+        hostname=name,
+        log_directory=log_dir,
+        labels=template["metadata"].get("labels", {}),
+        annotations=template["metadata"].get("annotations", {}),
+        linux=cri.LinuxPodSandboxConfig(
+            cgroup_parent=containerd.cgroup_parent,
+            security_context=cri.LinuxSandboxSecurityContext(
+                namespace_options=cri.NamespaceOption(network=cri.POD, pid=cri.CONTAINER, ipc=cri.POD),
+                seccomp=cri.SecurityProfile(profile_type=cri.SecurityProfile.RuntimeDefault
+                                            if profile == "RuntimeDefault" else cri.SecurityProfile.Unconfined),
+            ),
+        ),
+    )
+
+
+def daemonset_container_config(daemonset: dict[str, Any], plugin_dir: str,
+                               cpu_limit: str | None = "manifest") -> cri.ContainerConfig:
+    """The plugin's container from the manifest's pod template, as kuberuntime
+    builds it: command and args as they are; env (the image's env under the
+    manifest's, PATH to find the stand-in Python); securityContext; each
+    volumeMount over its hostPath volume (the kubelet's device-plugins
+    directory replaced by the stand-in's `plugin_dir`; the node's /dev is the
+    real one); resources. `cpu_limit` "manifest" keeps the manifest's CPU
+    limit, None drops it, any other quantity replaces it (for measuring)."""
+    _, spec, container = _pod_template(daemonset)
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    mounts: list[cri.Mount] = []
+    for volume_mount in container.get("volumeMounts", []):
+        host_path = volumes[volume_mount["name"]]["hostPath"]
+        path = plugin_dir if host_path["path"] == KUBELET_PLUGIN_DIR else host_path["path"]
+        if host_path.get("type") == "Directory" and not os.path.isdir(path):
+            # The kubelet refuses to start the pod: hostPath type check.
+            raise FileNotFoundError(f"hostPath {host_path['path']} ({path}) is not a directory")
+        mounts.append(cri.Mount(container_path=volume_mount["mountPath"], host_path=path,
+                                readonly=bool(volume_mount.get("readOnly", False)),
+                                propagation=cri.PROPAGATION_PRIVATE))
+    python_mounts, path_env = host_python_mounts()
+    # The project at /app, as the Dockerfile copies it there.
+    mounts += python_mounts + [cri.Mount(container_path=APP_DIR, host_path=HERE, readonly=True)]
+
+    env = {**dockerfile_env(), "PATH": path_env}
+    for item in container.get("env", []):
+        env[item["name"]] = item["value"]
+    resources = dict(container.get("resources") or {})
+    if cpu_limit != "manifest":
+        limits = dict(resources.get("limits") or {})
+        if cpu_limit is None:
+            limits.pop("cpu", None)
+        else:
+            limits["cpu"] = cpu_limit
+        resources["limits"] = limits
+    linux_resources = cpu_resources(resources)
+    linux_resources.oom_score_adj = CRITICAL_POD_OOM_SCORE_ADJ
+    return cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name=container["name"]),
+        image=cri.ImageSpec(image=IMAGE),
+        command=container.get("command", []),
+        args=[str(a) for a in container.get("args", [])],
+        envs=[cri.KeyValue(key=k, value=v) for k, v in env.items()],
+        mounts=mounts,
+        labels={"io.kubernetes.container.name": container["name"]},
+        log_path=f"{container['name']}/0.log",
+        linux=cri.LinuxContainerConfig(resources=linux_resources,
+                                       security_context=security_context(container.get("securityContext"))),
+    )
+
+
+def container_port(daemonset: dict[str, Any], name: str) -> int:
+    _, _, container = _pod_template(daemonset)
+    return next(p["containerPort"] for p in container.get("ports", []) if p.get("name") == name)
+
+
+def probe_path_and_port(daemonset: dict[str, Any], probe: str) -> tuple[str, int]:
+    """An httpGet probe's path and port number (a named port resolved)."""
+    _, _, container = _pod_template(daemonset)
+    http_get = container[probe]["httpGet"]
+    port = http_get["port"]
+    return http_get["path"], port if isinstance(port, int) else container_port(daemonset, port)
+
+
+def grace_period(daemonset: dict[str, Any]) -> int:
+    _, spec, _ = _pod_template(daemonset)
+    return int(spec.get("terminationGracePeriodSeconds", 30))  # the API's default
+
+
+@dataclass
+class PluginPod:
+    sandbox: Sandbox
+    container_id: str
+    started_at: float  # time.monotonic() just before StartContainer
+    start_returned_at: float  # and when it returned (runc has started the process)
+
+
+def start_daemonset_pod(containerd: Containerd, plugin_dir: str, name: str,
+                        cpu_limit: str | None = "manifest") -> PluginPod:
+    """RunPodSandbox, CreateContainer, StartContainer for the manifest's pod."""
+    assert containerd.client is not None
+    client = containerd.client
+    daemonset = load_daemonset()
+    sandbox_config = daemonset_sandbox_config(daemonset, containerd, name)
+    sandbox = client.start_sandbox(containerd, sandbox_config)
+    try:
+        config = daemonset_container_config(daemonset, plugin_dir, cpu_limit)
+        container_id = client.stub.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=sandbox.id, config=config, sandbox_config=sandbox_config), timeout=WAIT_S).container_id
+        started_at = time.monotonic()
+        client.stub.StartContainer(cri.StartContainerRequest(container_id=container_id), timeout=WAIT_S)
+        start_returned_at = time.monotonic()
+    except BaseException:
+        client.remove_sandbox(sandbox.id)
+        raise
+    return PluginPod(sandbox, container_id, started_at, start_returned_at)
+
+
+# ---------------------------------------------------------------------------
+# bench_plugin.py --runtime
+# ---------------------------------------------------------------------------
+
+# CPU limits measured besides the manifest's own resources: "manifest" is the
+# pod as daemonset.yaml says, None the same without any CPU limit.
+BENCH_CPU_LIMITS: dict[str, str | None] = {"manifest": "manifest", "cpu_limit_200m": "200m",
+                                           "cpu_limit_500m": "500m", "cpu_limit_1": "1",
+                                           "no_cpu_limit": None}
+
+
+def bench_startup(runs: int) -> dict[str, list[float]]:
+    """StartContainer of daemonset.yaml's pod -> every resource's first full
+    list at the kubelet stand-in (its reader thread's timestamp), in ms, `runs`
+    times per CPU limit, interleaved so that drift hits every variant alike.
+    Each run gets a fresh stand-in directory; the pod is stopped with SIGTERM
+    and removed after each."""
+    from fake_kubelet import FakeKubelet
+
+    daemonset = load_daemonset()
+    args = daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
+    count = int(args[args.index("--count") + 1])
+    names = [f"{NodePlugin.DOMAIN}/{n}" for n in NodePlugin.DEVICES]
+    work = tempfile.mkdtemp(prefix="kdpimg")
+    containerd: Containerd | None = None
+    figures: dict[str, list[float]] = {key: [] for key in BENCH_CPU_LIMITS}
+    figures["start_rpc"] = []  # StartContainer's own duration, every variant
+    try:
+        containerd = start_containerd("b", False, build_image(work))
+        assert containerd.client is not None
+        for run in range(runs):
+            for key, cpu_limit in BENCH_CPU_LIMITS.items():
+                node_dir = tempfile.mkdtemp(prefix="kdpbr")
+                plugin_dir = os.path.join(node_dir, "dp")
+                kubelet = FakeKubelet(plugin_dir)
+                kubelet.start()
+                pod = None
+                try:
+                    pod = start_daemonset_pod(containerd, plugin_dir, f"kdp-bench-{run}-{key.replace('_', '-')}",
+                                              cpu_limit)
+                    if not kubelet.wait_registered(names, count, timeout=WAIT_S):
+                        raise RuntimeError(f"{key}: not registered within {WAIT_S} s")
+                    done = max(kubelet.state(n).last_message_at for n in names)
+                    figures[key].append(round((done - pod.started_at) * 1000, 1))
+                    figures["start_rpc"].append(round((pod.start_returned_at - pod.started_at) * 1000, 1))
+                    containerd.client.stub.StopContainer(cri.StopContainerRequest(
+                        container_id=pod.container_id, timeout=grace_period(daemonset)), timeout=60)
+                finally:
+                    if pod is not None:
+                        containerd.client.remove_sandbox(pod.sandbox.id)
+                    kubelet.stop()
+                    shutil.rmtree(node_dir, ignore_errors=True)
+    finally:
+        if containerd is not None:
+            containerd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return figures
+
+
+def bench_main(quick: bool) -> int:
+    """bench_plugin.py --runtime: a table, then one JSON object as the last line."""
+    import statistics
+
+    missing = missing_requirement()
+    if missing:
+        print(f"bench --runtime: {missing}", file=sys.stderr)
+        return 1
+    runs = 3 if quick else 7
+    figures = bench_startup(runs)
+    limits = (load_daemonset()["spec"]["template"]["spec"]["containers"][0].get("resources") or {}).get("limits", {})
+    print(f"StartContainer -> every resource registered, daemonset.yaml's pod in containerd, {runs} runs each (ms)")
+    print(f"{'variant':<18} {'median':>8} {'min':>8} {'max':>8}  runs")
+    results: dict[str, Any] = {}
+    for key, values in figures.items():
+        label = f"manifest (cpu limit {limits.get('cpu', 'none')})" if key == "manifest" else key
+        print(f"{label:<18} {statistics.median(values):>8.1f} {min(values):>8.1f} {max(values):>8.1f}  {values}")
+        name = "startup_ms_in_runtime" if key == "manifest" else f"startup_ms_in_runtime_{key}"
+        results[name] = round(statistics.median(values), 1)
+    print(json.dumps(results), flush=True)
+    return 0

@@ -50,19 +50,9 @@ NON_ROOT_VMM: dict[str, Any] = {
 RUNTIME_DEFAULTS: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def require_runtime() -> None:
-    missing = rh.missing_requirement()
-    if missing:
-        if os.environ.get(rh.REQUIRE_ENV) == "1":
-            pytest.fail(f"{missing} ({rh.REQUIRE_ENV}=1 makes the runtime tests mandatory)")
-        pytest.skip(missing)
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("this machine has no /dev/kvm (no hardware virtualisation exposed)")
-
-
 @pytest.fixture(scope="module")
 def image_archive() -> Iterator[str]:
-    require_runtime()
+    rh.require_runtime()
     work = tempfile.mkdtemp(prefix="kdpimg")
     try:
         yield rh.build_image(work)
@@ -70,21 +60,10 @@ def image_archive() -> Iterator[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def start_containerd(name: str, ownership: bool, archive: str) -> rh.Containerd:
-    containerd = rh.Containerd(name, device_ownership_from_security_context=ownership)
-    try:
-        containerd.start()
-        containerd.import_image(archive)
-    except BaseException:
-        containerd.stop()
-        raise
-    return containerd
-
-
 @pytest.fixture(scope="module")
 def containerd(image_archive: str) -> Iterator[rh.Containerd]:
     """device_ownership_from_security_context = true: nodes owned by runAsUser."""
-    instance = start_containerd("o", True, image_archive)
+    instance = rh.start_containerd("o", True, image_archive)
     yield instance
     instance.stop()
 
@@ -92,14 +71,14 @@ def containerd(image_archive: str) -> Iterator[rh.Containerd]:
 @pytest.fixture(scope="module")
 def containerd_host_owner(image_archive: str) -> Iterator[rh.Containerd]:
     """containerd's default: device nodes keep the host node's owner and mode."""
-    instance = start_containerd("h", False, image_archive)
+    instance = rh.start_containerd("h", False, image_archive)
     yield instance
     instance.stop()
 
 
 @pytest.fixture(scope="module")
 def plugin() -> Iterator[rh.NodePlugin]:
-    require_runtime()
+    rh.require_runtime()
     node_plugin = rh.NodePlugin()
     try:
         node_plugin.start()
