@@ -370,7 +370,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="fewer repetitions and a shorter idle window (same keys)")
+    parser.add_argument("--runtime", action="store_true",
+                        help="instead: daemonset.yaml's pod started in a private containerd (runtime_harness.py)")
     args = parser.parse_args()
+    if args.runtime:
+        import runtime_harness
+        return runtime_harness.bench_main(args.quick)
     # SIGTERM would otherwise skip the finally blocks that remove processes and dirs.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     facts = machine_facts()
