@@ -373,11 +373,11 @@ def main() -> int:
     parser.add_argument("--runtime", action="store_true",
                         help="instead: daemonset.yaml's pod started in a private containerd (runtime_harness.py)")
     args = parser.parse_args()
+    # SIGTERM would otherwise skip the finally blocks that remove processes and dirs.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.runtime:
         import runtime_harness
         return runtime_harness.bench_main(args.quick)
-    # SIGTERM would otherwise skip the finally blocks that remove processes and dirs.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     facts = machine_facts()
     results = run(args.quick)
     print_table(facts, results, args.quick)
