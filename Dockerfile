@@ -26,7 +26,7 @@ COPY kvm_device_plugin.py deviceplugin_pb2.py deviceplugin_pb2_grpc.py ./
 ENV GRPC_VERBOSITY=ERROR \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    MALLOC_ARENA_MAX=2
+    MALLOC_ARENA_MAX=1
 
 # No USER: daemonset.yaml runs this as uid 0 with every capability dropped,
 # because the kubelet's device-plugins directory is root's.

@@ -39,6 +39,8 @@ import os
 import re
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -72,6 +74,39 @@ def unix_target(path: str) -> str:
     '#', '?' and '%' are percent-encoded (the kubelet, in Go, dials the path
     as it is). A ',' cannot be dialled in any form."""
     return "unix://" + urllib.parse.quote(path, safe="/")
+
+
+# A careless peer for the tests and the benchmark: a client that opens
+# ListAndWatch on a plugin socket, takes one message and stops reading (SIGSTOP
+# keeps its connection open with nothing ever read again).
+STALLED_READER = """
+import os, signal, sys
+import grpc
+import deviceplugin_pb2 as pb, deviceplugin_pb2_grpc as pb_grpc
+from fake_kubelet import unix_target
+stream = pb_grpc.DevicePluginStub(grpc.insecure_channel(unix_target(sys.argv[1]))).ListAndWatch(pb.Empty())
+next(stream)
+print("read one", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def start_stalled_reader(socket_path: str) -> subprocess.Popen:
+    """The stalled reader on `socket_path`, once it has read its message and
+    stopped. The caller kills it (SIGKILL ends a stopped process too)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    reader = subprocess.Popen([sys.executable, "-c", STALLED_READER, socket_path], cwd=here,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        if reader.stdout.readline() != "read one\n":
+            raise RuntimeError("the stalled reader read nothing")
+        while open(f"/proc/{reader.pid}/stat").read().rsplit(") ", 1)[1][0] != "T":
+            time.sleep(0.01)
+    except BaseException:
+        reader.kill()
+        reader.wait()
+        raise
+    return reader
 
 
 def mknod(path: str, minor: int, major: int = 10) -> None:
@@ -371,6 +406,8 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
                     self.cond.notify_all()
         except grpc.RpcError:
             pass
+        except ValueError:
+            pass  # "Channel closed": stop() or a newer registration closed it first
         finally:
             with self.cond:
                 if state.endpoint is endpoint or state.endpoint is None:

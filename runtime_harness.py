@@ -238,6 +238,18 @@ def _umount(path: str) -> None:
     subprocess.run(["umount", "-l", path], capture_output=True, timeout=10)
 
 
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`; reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
 class Containerd:
     """A private containerd with the CRI plugin, on a socket of its own."""
 
@@ -351,13 +363,8 @@ state = "{self.state}"
                 pass
         if self.client is not None:
             self.client.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         pids, ids = self._leftovers()
         for pid in pids:
             try:
@@ -800,13 +807,8 @@ class NodePlugin:
         return response.container_responses[0]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.kubelet.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -25,7 +25,8 @@ import pytest
 import deviceplugin_pb2 as pb
 import deviceplugin_pb2_grpc as pb_grpc
 import kvm_device_plugin as kdp
-from fake_kubelet import DEVICE_NODES, FakeKubelet, make_device_nodes, mknod, unknown_fields
+from fake_kubelet import (DEVICE_NODES, FakeKubelet, make_device_nodes, mknod, start_stalled_reader,
+                          unknown_fields)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "kvm_device_plugin.py")
@@ -992,31 +993,8 @@ def test_garbage_on_the_status_port_is_dropped_and_serving_goes_on(served):
 # port, files planted in shared directories, signals, flapping nodes
 # ---------------------------------------------------------------------------
 
-# A client that opens ListAndWatch, takes one message and then stops reading:
-# SIGSTOP keeps its connection open with nothing ever read again.
-STALLED_READER = """
-import os, signal, sys
-import grpc
-import deviceplugin_pb2 as pb, deviceplugin_pb2_grpc as pb_grpc
-from fake_kubelet import unix_target
-stream = pb_grpc.DevicePluginStub(grpc.insecure_channel(unix_target(sys.argv[1]))).ListAndWatch(pb.Empty())
-next(stream)
-print("read one", flush=True)
-os.kill(os.getpid(), signal.SIGSTOP)
-"""
-
-
 def plugin_socket(env: Env, name: str) -> str:
     return os.path.join(env.plugin_dir, kdp.plugin_socket_name(name))
-
-
-def start_stalled_reader(env: Env, socket_path: str) -> subprocess.Popen:
-    reader = subprocess.Popen([sys.executable, "-c", STALLED_READER, socket_path], cwd=HERE,
-                              stdout=subprocess.PIPE, text=True)
-    env.helpers.append(reader)
-    assert reader.stdout.readline() == "read one\n"
-    assert settles(lambda: open(f"/proc/{reader.pid}/stat").read().split(") ")[1][0] == "T")
-    return reader
 
 
 def flip(env: Env, name: str, times: int, wait: bool = True) -> None:
@@ -1035,7 +1013,7 @@ def test_a_stalled_stream_reader_blocks_neither_restarts_nor_shutdown(env):
     env.kubelet.start()
     plugin = env.start_plugin("--count", "110", "--devices", "kvm")
     assert env.kubelet.wait_registered([resource("kvm")], 110), plugin.log()
-    start_stalled_reader(env, plugin_socket(env, "kvm"))
+    env.helpers.append(start_stalled_reader(plugin_socket(env, "kvm")))
     # Enough full lists to fill the stalled stream's HTTP/2 window many times.
     flip(env, "kvm", 40)
     env.kubelet.restart()
