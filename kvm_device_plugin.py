@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import ctypes
 import errno
@@ -60,6 +61,15 @@ from typing import Callable, NamedTuple
 # gRPC core logs its own INFO lines to stderr unless told otherwise; an operator
 # reading this plugin's log wants only ours. Must be set before grpc loads.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+if __name__ == "__main__":
+    # Until the event loop takes the signals over (Daemon.run), a request to
+    # stop finds nothing registered yet: exit 0 at once. As PID 1 in a
+    # container the default would be to ignore it for the whole grace period;
+    # elsewhere, to die with a signal's exit code. (Not when imported: the
+    # tests' own process keeps its handlers.)
+    for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(_signum, lambda signum, frame: sys.exit(0))
 
 import grpc  # noqa: E402
 from google.protobuf.message import DecodeError  # noqa: E402
@@ -113,11 +123,16 @@ SHUTDOWN_GRACE_S = 0.5
 # stream to end; the old server finishes stopping in the background.
 STOP_TIMEOUT_S = 0.5
 # Any process that can reach the socket may open ListAndWatch. Those streams
-# are served, but only this many at once per resource: each one holds memory.
+# are served, but only this many at once per resource (each one holds memory),
+# except in the moments around the kubelet's own (see ListAndWatch).
 MAX_OTHER_STREAMS = 4
+KUBELET_STREAM_GRACE_S = 1.0
 # A registration still unfinished after this long is stuck, whatever the
-# cause: /healthz fails, so that the liveness probe restarts the pod.
+# cause: /healthz fails, so that the liveness probe restarts the pod. So it
+# does past this many old servers that cannot finish stopping (each holds a
+# stalled client's call, and its memory, for as long as that client lives).
 REGISTRATION_OVERDUE_S = 60.0
+MAX_SERVERS_STOPPING = 8
 # The kubelet opens ListAndWatch right after Register; one that has not done so
 # by then lost the registration somewhere, and only a new one helps.
 STREAM_EXPECTED_WITHIN_S = 10.0
@@ -132,8 +147,9 @@ HEALTHZ_REUSE_S = 1.0
 # The status port is open to the pod network, so what one connection and all
 # of them together may hold is bounded: a request (line and headers, which
 # are ignored) must arrive whole, within a few KiB and seconds, and past
-# HTTP_MAX_CONNECTIONS the oldest connection is dropped for the newest, so
-# that a flood of idle connections cannot keep a real client out.
+# HTTP_MAX_CONNECTIONS waiting for their request, one is dropped for the
+# newest (see StatusEndpoint._serve), so that a flood of idle connections
+# cannot keep a real client out.
 HTTP_REQUEST_TIMEOUT_S = 5.0
 HTTP_MAX_REQUEST_BYTES = 8192
 HTTP_MAX_CONNECTIONS = 32
@@ -264,8 +280,10 @@ class NodeChecker:
 
     def forget_errors(self) -> None:
         """Let the next check open the node again unless its last open worked or
-        was refused or found no driver (those hold until the node changes)."""
-        if self._probe[0] == "error":
+        was refused (those hold until the node changes), or found no driver
+        while /proc/misc says whether one has come since."""
+        outcome = self._probe[0]
+        if outcome == "error" or (outcome == "nodriver" and read_proc_misc() is None):
             self._probe_key = None
 
     def check(self, misc: dict[str, int] | None) -> Verdict:
@@ -635,6 +653,7 @@ class ListAndWatchStream:
 
     def __init__(self, from_kubelet: bool) -> None:
         self.from_kubelet = from_kubelet
+        self.opened_at = time.monotonic()
         self.changed = asyncio.Event()
         self.ended = asyncio.Event()
 
@@ -679,10 +698,14 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         self.bound_socket: tuple[int, int, int] | None = None
         self.streams: set[ListAndWatchStream] = set()  # every open ListAndWatch
         # The stream that matters: the first ListAndWatch opened on the current
-        # server after Register was sent. Any process that can reach the socket
-        # may open others; they are served, but their end means nothing.
+        # server after the last Register was sent. Nothing on the wire tells
+        # the kubelet from another local client (no peer credentials reach a
+        # gRPC handler), so this is the best guess there is, and it errs on the
+        # safe side: should another client win that race and drop its stream,
+        # the plugin registers once more. Streams opened at any other time are
+        # served, but their end means nothing.
         self.kubelet_stream: ListAndWatchStream | None = None
-        self.register_sent = False  # on the current server
+        self.register_sent_at: float | None = None  # on the current server
         self.stopping = False
 
         self.registered_with: tuple[int, int, int] | None = None  # kubelet.sock identity
@@ -740,8 +763,14 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         waits to be sent: a reader that stops reading holds back one message,
         never a backlog (every change since folds into one wake-up).
         """
-        from_kubelet = self.register_sent and self.kubelet_stream is None
-        if not from_kubelet and sum(not s.from_kubelet for s in self.streams) >= MAX_OTHER_STREAMS:
+        from_kubelet = self.register_sent_at is not None and self.kubelet_stream is None
+        # The kubelet's stream may come second, after another client's taken
+        # for it: nothing opened around then is refused.
+        near_kubelet = from_kubelet or (
+            self.kubelet_stream is not None
+            and time.monotonic() - self.kubelet_stream.opened_at < KUBELET_STREAM_GRACE_S
+        )
+        if not near_kubelet and sum(not s.from_kubelet for s in self.streams) >= MAX_OTHER_STREAMS:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.resource_name}: already serving {MAX_OTHER_STREAMS} ListAndWatch streams "
@@ -787,8 +816,9 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             log.warning("%s", refusal[1])
             await context.abort(*refusal)
         self.allocations += len(request.container_requests)
-        ids = ",".join(i for c in request.container_requests for i in c.devices_ids)
-        log.info("%s: allocated %s", self.resource_name, ids)
+        ids = [i for c in request.container_requests for i in c.devices_ids]
+        shown = ",".join(ids[:8]) + (f",... ({len(ids)} IDs)" if len(ids) > 8 else "")
+        log.info("%s: allocated %s", self.resource_name, shown)
         if self.cdi is not None and self.cdi.in_place():
             response = self._container_response_cdi
         else:
@@ -800,6 +830,15 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         name = self.resource_name
         if not request.container_requests:
             return grpc.StatusCode.INVALID_ARGUMENT, f"{name}: AllocateRequest has no container requests"
+        # Checked before any per-ID work: no container can hold more devices
+        # than there are, and a request naming half a million IDs would keep
+        # the event loop (and every probe) waiting for seconds.
+        most = max(len(container.devices_ids) for container in request.container_requests)
+        if most > self.count or len(request.container_requests) > self.count:
+            return grpc.StatusCode.INVALID_ARGUMENT, (
+                f"{name}: AllocateRequest has {len(request.container_requests)} container requests, "
+                f"one of {most} device IDs; this plugin has {self.count} devices"
+            )
         for index, container in enumerate(request.container_requests):
             if not container.devices_ids:
                 return (grpc.StatusCode.INVALID_ARGUMENT,
@@ -911,14 +950,18 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         connection's end could tear down the new one).
         """
         await self.stop_server(grace=None)
-        self.register_sent = False
+        self.register_sent_at = None
         self.servers_started += 1
         bind_path = f"{self.socket_path}.{self.servers_started % 1000}"
-        server = grpc.aio.server()
+        # A request holds device IDs, a few bytes each and never more than
+        # count of them. gRPC's default limit (4 MiB) lets any client have us
+        # decode 500,000 container requests: 0.5 s on the loop and 70 MB of
+        # RSS kept afterwards, an OOM kill under the DaemonSet's limit.
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 65536 + 16 * self.count)])
         server.add_generic_rpc_handlers((device_plugin_service(self),))
         server.add_insecure_port(grpc_unix_target(bind_path))  # binds the path now
-        # Held before the first await: a registration cancelled during start()
-        # must leave a server the next stop_server() stops, not an orphan.
+        # Held before start(): a registration cancelled while it starts must
+        # leave a server that the next stop_server() stops, not an orphan.
         self.server = server
         await server.start()
         # rename() replaces whatever is at the socket path (a stale socket of
@@ -945,8 +988,9 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         if mine is not None and file_identity(self.socket_path) == mine:
             try:
                 os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
+            except OSError as e:  # gone already, or a read-only directory: stop anyway
+                if e.errno != errno.ENOENT:
+                    log.warning("%s: cannot remove %s: %s", self.resource_name, self.socket_path, e.strerror)
         stopping = asyncio.ensure_future(server.stop(grace))
         self.servers_stopping.add(stopping)
         stopping.add_done_callback(self.servers_stopping.discard)
@@ -1015,8 +1059,10 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         async with grpc.aio.insecure_channel(
             grpc_unix_target(self.kubelet_socket), options=CHANNEL_OPTIONS
         ) as channel:
-            # From here on the kubelet may dial back and open its stream.
-            self.register_sent = True
+            # From here on the kubelet may dial back and open its stream; a
+            # retried Register makes it open a new one.
+            self.register_sent_at = time.monotonic()
+            self.kubelet_stream = None
             await pb_grpc.RegistrationStub(channel).Register(
                 pb.RegisterRequest(
                     version=API_VERSION,
@@ -1056,8 +1102,9 @@ def decoding_handler(plugin: DevicePlugin, method) -> grpc.RpcMethodHandler:
     if method.server_streaming:
         async def stream(raw: bytes, context: grpc.aio.ServicerContext):
             request = await plugin.decode(request_type, raw, context)
-            # aclosing: when gRPC drops this generator, the plugin's own one
-            # must run its cleanup at once, not whenever it is collected.
+            # aclosing: the plugin's generator is closed, and runs its cleanup
+            # (the end of the kubelet's stream wakes the lifecycle loop), with
+            # this one, not whenever the garbage collector gets to it.
             async with contextlib.aclosing(implementation(request, context)) as responses:
                 async for response in responses:
                     yield response
@@ -1120,6 +1167,9 @@ class Daemon:
             overdue = plugin.registration_overdue()
             if overdue is not None:
                 return f"{plugin.resource_name}: registration under way for {overdue:.0f} s"
+            if len(plugin.servers_stopping) > MAX_SERVERS_STOPPING:
+                return (f"{plugin.resource_name}: {len(plugin.servers_stopping)} old gRPC servers cannot "
+                        "finish stopping (clients that stopped reading hold them)")
             server = plugin.server
             if not plugin.socket_intact():
                 return None  # between servers: the lifecycle loop is on it
@@ -1179,9 +1229,18 @@ class Daemon:
                 log.error("cannot serve metrics on %s port %d: %s",
                           self.status.address or "every interface", self.status.port, e.strerror)
                 return 1
+        last_recheck = time.monotonic()
         try:
             while not self.stop_requested:
                 self.woken.clear()
+                if time.monotonic() - last_recheck >= self.poll_s:
+                    # The safety net, on its own clock (a steady trickle of
+                    # events must not postpone it): a check that failed for a
+                    # passing reason (the node vanished while being opened) is
+                    # made again.
+                    last_recheck = time.monotonic()
+                    for plugin in self.plugins:
+                        plugin.checker.forget_errors()
                 try:
                     self.reconcile()
                 except Exception as e:  # noqa: BLE001 - a bug: say so, keep the node served
@@ -1190,10 +1249,7 @@ class Daemon:
                 try:
                     await asyncio.wait_for(self.woken.wait(), timeout=self.poll_s)
                 except asyncio.TimeoutError:
-                    # The safety net: a check that failed for a passing reason
-                    # (the node vanished while being opened) is made again.
-                    for plugin in self.plugins:
-                        plugin.checker.forget_errors()
+                    pass
         finally:
             await asyncio.gather(*(plugin.shutdown() for plugin in self.plugins))
             self.watcher.close()
@@ -1299,7 +1355,10 @@ class StatusEndpoint:
         self.port = port
         self.address = address  # None: every interface
         self.server: asyncio.base_events.Server | None = None
-        self.connections: dict[asyncio.StreamWriter, None] = {}  # open ones, oldest first
+        # Connections whose request has not arrived yet, oldest first, with
+        # their peer's address. Those being answered are not here: they end
+        # within SELF_CHECK_TIMEOUT_S, and are never dropped.
+        self.waiting: dict[asyncio.StreamWriter, str] = {}
         self._alive_check: asyncio.Future | None = None
         self._alive_checked_at = 0.0
 
@@ -1324,15 +1383,19 @@ class StatusEndpoint:
         return await asyncio.shield(self._alive_check)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self.connections) >= HTTP_MAX_CONNECTIONS:
-            # Drop the oldest: a real client sends its request within
-            # milliseconds, so it is served even amid idle connections.
-            oldest = next(iter(self.connections))
+        self.waiting[writer] = str((writer.get_extra_info("peername") or ("",))[0])
+        if len(self.waiting) > HTTP_MAX_CONNECTIONS:
+            # Drop the oldest waiting connection of the address that holds the
+            # most: a flood from one pod evicts its own connections, never the
+            # kubelet's probe, and a real client, which sends its request
+            # within milliseconds, is served even amid idle connections.
+            busiest = collections.Counter(self.waiting.values()).most_common(1)[0][0]
+            oldest = next(w for w, address in self.waiting.items() if address == busiest)
             oldest.transport.abort()
-            del self.connections[oldest]
-        self.connections[writer] = None
+            del self.waiting[oldest]
         try:
             request_line = await asyncio.wait_for(self._read_request(reader), HTTP_REQUEST_TIMEOUT_S)
+            self.waiting.pop(writer, None)
             method, _, rest = request_line.decode("latin-1").partition(" ")
             path = rest.split(" ", 1)[0].split("?", 1)[0]
             if method != "GET":
@@ -1358,7 +1421,7 @@ class StatusEndpoint:
         except (asyncio.TimeoutError, ConnectionError, ValueError):
             pass  # slow, half-open, overlong or garbled: drop it, keep serving
         finally:
-            self.connections.pop(writer, None)
+            self.waiting.pop(writer, None)
             writer.close()
 
     @staticmethod
@@ -1580,8 +1643,13 @@ def plugin_dir_problem(plugin_dir: str, devices: list[str]) -> str | None:
         return f"--plugin-dir {plugin_dir!r} is not valid UTF-8, and gRPC takes socket paths as UTF-8"
     if "," in plugin_dir:
         return f"--plugin-dir {plugin_dir!r} contains ',', which gRPC reads as a list of addresses"
-    if os.path.exists(plugin_dir) and not os.path.isdir(plugin_dir):
-        return f"--plugin-dir {directory_problem(plugin_dir)}"
+    # The directory itself may come later (the kubelet creates it), but not
+    # through a file where a directory must be.
+    existing = plugin_dir
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"--plugin-dir {plugin_dir}: {directory_problem(existing)}"
     for name in [KUBELET_SOCKET] + [plugin_socket_name(d) for d in devices]:
         path = os.path.join(plugin_dir, name)
         size = len(os.fsencode(path)) + (0 if name == KUBELET_SOCKET else BIND_SUFFIX_BYTES)

@@ -8,6 +8,7 @@ wait is bounded; no test asserts a speed (that is bench_plugin.py's job).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -1036,6 +1037,7 @@ def test_other_clients_streams_are_served_capped_and_change_nothing(served):
             assert len(next(stream).devices) == 3
             stream.cancel()
             assert kubelet.allocate(resource("kvm"), [["kvm0"]]).container_responses
+        time.sleep(kdp.KUBELET_STREAM_GRACE_S)  # past the moments when every stream is let in
         held = [stub.ListAndWatch(pb.Empty()) for _ in range(kdp.MAX_OTHER_STREAMS)]
         for stream in held:
             next(stream)
@@ -1070,11 +1072,21 @@ def raw_call(socket_path: str, method: str, payload: bytes) -> grpc.RpcError:
 
 
 def test_oversized_ids_and_undecodable_requests_are_invalid_argument_in_one_short_line(running):
-    huge = "kvm" + "9" * 1_000_000
+    long_id = "kvm" + "9" * 50_000
     with pytest.raises(grpc.RpcError) as error:
-        running.kubelet.allocate(resource("kvm"), [[huge]])
+        running.kubelet.allocate(resource("kvm"), [[long_id]])
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown device ID 'kvm999" in error.value.details() and len(error.value.details()) < 300
+    with pytest.raises(grpc.RpcError) as error:  # more containers than devices: refused before any ID
+        running.kubelet.allocate(resource("kvm"), [["kvm0"]] * 4)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "AllocateRequest has 4 container requests, one of 1 device IDs; this plugin has 3 devices" \
+        in error.value.details()
+    # Larger than any request for 3 devices can be: gRPC refuses it undecoded.
+    with pytest.raises(grpc.RpcError) as error:
+        running.kubelet.allocate(resource("kvm"), [["kvm" + "9" * 1_000_000]])
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in error.value.details() and len(error.value.details()) < 300
     socket_path = plugin_socket(running, "kvm")
     for method in ("Allocate", "GetDevicePluginOptions"):
         error = raw_call(socket_path, method, b"\xff\xff\xff\xff")
@@ -1156,7 +1168,8 @@ def test_a_plugin_dir_with_uri_characters_works(env, character):
 @pytest.mark.parametrize("plugin_dir, message", [
     ("/tmp/a,b", r"contains ',', which gRPC reads as a list of addresses"),
     (b"/tmp/\xff".decode(errors="surrogateescape"), r"is not valid UTF-8"),
-    ("/etc/hostname", r"--plugin-dir /etc/hostname is a regular file, not a directory"),
+    ("/etc/hostname", r"--plugin-dir /etc/hostname: /etc/hostname is a regular file, not a directory"),
+    ("/etc/hostname/dp", r"--plugin-dir /etc/hostname/dp: /etc/hostname is a regular file, not a directory"),
 ])
 def test_a_plugin_dir_the_plugin_cannot_use_is_refused_at_startup(plugin_dir, message):
     result = subprocess.run([sys.executable, SCRIPT, "--plugin-dir", plugin_dir], capture_output=True,
@@ -1269,3 +1282,53 @@ def test_a_registration_under_way_for_too_long_fails_liveness():
     assert plugin.registration_overdue() is None
     plugin.registration_started = time.monotonic() - kdp.REGISTRATION_OVERDUE_S - 1
     assert plugin.registration_overdue() > kdp.REGISTRATION_OVERDUE_S
+
+
+def test_a_flood_from_one_address_does_not_drop_another_addresss_request(env):
+    env.kubelet.start()
+    port = free_port()
+    plugin = env.start_plugin("--count", "3", "--metrics-port", str(port))
+    assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 3), plugin.log()
+    probe = socket.create_connection(("127.0.0.1", port), timeout=5)  # the kubelet's, say
+    probe.sendall(b"GET /healthz HTTP/1.1\r\n")  # not finished yet
+    flood = []
+    try:
+        for _ in range(3 * kdp.HTTP_MAX_CONNECTIONS):  # another pod's idle connections
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")
+            flood.append(conn)
+        probe.sendall(b"\r\n")
+        answer = b""
+        while chunk := probe.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200 OK") and answer.endswith(b"ok\n"), answer
+    finally:
+        probe.close()
+        for conn in flood:
+            conn.close()
+
+
+def test_a_stop_request_during_startup_exits_0(env):
+    plugin = env.start_plugin("--count", "2")
+    pid = plugin.proc.pid
+
+    def catches_sigterm() -> bool:  # the early handlers are in place
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        return bool(caught & (1 << (signal.SIGTERM - 1)))
+    assert settles(catches_sigterm)
+    plugin.proc.send_signal(signal.SIGTERM)  # during the imports, most likely
+    assert plugin.proc.wait(WAIT_S) == 0, plugin.log()
+
+
+def test_old_servers_that_cannot_finish_stopping_fail_liveness():
+    async def verdict(stuck: int) -> list[str]:
+        plugin = kdp.DevicePlugin(kdp.DEVICE_TABLE["kvm"], resource("kvm"), 1, "rw", "/nonexistent", "/")
+        daemon = kdp.Daemon([plugin], "/nonexistent")
+        loop = asyncio.get_running_loop()
+        plugin.servers_stopping = {loop.create_future() for _ in range(stuck)}
+        return await daemon.not_alive()
+    assert asyncio.run(verdict(kdp.MAX_SERVERS_STOPPING)) == []
+    assert asyncio.run(verdict(kdp.MAX_SERVERS_STOPPING + 1)) == [
+        f"{resource('kvm')}: {kdp.MAX_SERVERS_STOPPING + 1} old gRPC servers cannot finish stopping "
+        "(clients that stopped reading hold them)"]
