@@ -518,7 +518,10 @@ def soak(seconds: float, traced: bool) -> dict[str, float]:
     mean_t, mean_mb = statistics.mean(t for t, _ in fitted), statistics.mean(mb for _, mb in fitted)
     slope = (sum((t - mean_t) * (mb - mean_mb) for t, mb in fitted)
              / sum((t - mean_t) ** 2 for t, _ in fitted))
-    return {"soak_s": seconds, "soak_rss_mb_start": samples[0][1], "soak_rss_mb_end": samples[-1][1],
+    def rss_at(fraction: float) -> float:  # the reading nearest that point of the run
+        return min(samples, key=lambda sample: abs(sample[0] - fraction * seconds))[1]
+    return {"soak_s": seconds, "soak_rss_mb_start": samples[0][1], "soak_rss_mb_25pct": rss_at(0.25),
+            "soak_rss_mb_50pct": rss_at(0.5), "soak_rss_mb_75pct": rss_at(0.75), "soak_rss_mb_end": samples[-1][1],
             "soak_rss_mb_max": max(mb for _, mb in samples), "soak_rss_slope_mb_per_hour": slope * 3600,
             **{f"soak_{k}": v for k, v in counts.items()}}
 
