@@ -397,8 +397,9 @@ def test_restarts_reregister_once_each_without_leaking(running):
     for name in names:
         # One registration per kubelet: the plugin's own socket deletions do
         # not send it round again.
-        assert kubelet.state(name).registrations == 106
-    assert len(re.findall(r"kubelet restarted", plugin.log())) == 105
+        assert kubelet.state(name).registrations == 106, (
+            name, kubelet.state(name).registrations, re.findall(r".*registering again: .*", plugin.log())[-8:])
+    assert len(re.findall(r"kubelet restarted", plugin.log())) == 105, plugin.log()[-3000:]
     plugin.wait_log(r"devices\.kubevirt\.io/kvm: registered again with the kubelet after \d+ ms")
 
 
