@@ -88,7 +88,9 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 
 import deviceplugin_pb2 as pb  # noqa: E402
-from fake_kubelet import DEVICE_NODES, FakeKubelet, make_device_nodes, mknod, start_stalled_reader  # noqa: E402
+from fake_kubelet import (  # noqa: E402
+    DEVICE_NODES, FakeKubelet, free_port, make_device_nodes, mknod, start_stalled_reader,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "kvm_device_plugin.py")
@@ -413,13 +415,6 @@ def bench_hostile(plan: dict[str, float], r: dict[str, float]) -> None:
                 time.sleep(0.005)
             restart_series(rig, 1)  # and registered again at the end
             r[key] = process_facts(rig.pid)[0] - before
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_large(r: dict[str, float]) -> None:

@@ -109,6 +109,13 @@ def start_stalled_reader(socket_path: str) -> subprocess.Popen:
     return reader
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for --metrics-port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def mknod(path: str, minor: int, major: int = 10) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(major, minor))

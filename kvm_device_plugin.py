@@ -278,12 +278,12 @@ class NodeChecker:
         self._probe: tuple[str, str] = ("", "")
         self._refusal_logged = False
 
-    def forget_errors(self) -> None:
+    def forget_errors(self, misc: dict[str, int] | None) -> None:
         """Let the next check open the node again unless its last open worked or
         was refused (those hold until the node changes), or found no driver
-        while /proc/misc says whether one has come since."""
+        while /proc/misc (`misc`) says whether one has come since."""
         outcome = self._probe[0]
-        if outcome == "error" or (outcome == "nodriver" and read_proc_misc() is None):
+        if outcome == "error" or (outcome == "nodriver" and misc is None):
             self._probe_key = None
 
     def check(self, misc: dict[str, int] | None) -> Verdict:
@@ -1233,16 +1233,13 @@ class Daemon:
         try:
             while not self.stop_requested:
                 self.woken.clear()
-                if time.monotonic() - last_recheck >= self.poll_s:
-                    # The safety net, on its own clock (a steady trickle of
-                    # events must not postpone it): a check that failed for a
-                    # passing reason (the node vanished while being opened) is
-                    # made again.
+                # The safety net, on its own clock (a steady trickle of events
+                # must not postpone it).
+                recheck = time.monotonic() - last_recheck >= self.poll_s
+                if recheck:
                     last_recheck = time.monotonic()
-                    for plugin in self.plugins:
-                        plugin.checker.forget_errors()
                 try:
-                    self.reconcile()
+                    self.reconcile(recheck)
                 except Exception as e:  # noqa: BLE001 - a bug: say so, keep the node served
                     self.log_loop_error(loop, {"message": "reconcile failed", "exception": e})
                     await asyncio.sleep(RETRY_MAX_S)  # not at the pace of events
@@ -1258,9 +1255,13 @@ class Daemon:
         log.info("stopped")
         return self.exit_code
 
-    def reconcile(self) -> None:
+    def reconcile(self, recheck: bool = False) -> None:
         misc = read_proc_misc()
         for plugin in self.plugins:
+            if recheck:
+                # A check that failed for a passing reason (the node vanished
+                # while being opened) is made again.
+                plugin.checker.forget_errors(misc)
             plugin.refresh_health(misc)
         if self.watcher.fd >= 0 and not self.watcher.sync():
             self.poll_s = POLL_WITHOUT_INOTIFY_S

@@ -26,8 +26,8 @@ import pytest
 import deviceplugin_pb2 as pb
 import deviceplugin_pb2_grpc as pb_grpc
 import kvm_device_plugin as kdp
-from fake_kubelet import (DEVICE_NODES, FakeKubelet, make_device_nodes, mknod, start_stalled_reader,
-                          unknown_fields)
+from fake_kubelet import (DEVICE_NODES, FakeKubelet, free_port, make_device_nodes, mknod,
+                          start_stalled_reader, unknown_fields)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "kvm_device_plugin.py")
@@ -686,12 +686,6 @@ def test_a_failing_open_is_not_retried_until_the_node_changes(env, monkeypatch):
 # ---------------------------------------------------------------------------
 # Probes, metrics and logs for the DaemonSet
 # ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:
