@@ -52,11 +52,12 @@ import logging
 import os
 import re
 import signal
+import socket
 import stat
 import struct
 import sys
 import time
-from typing import Callable, NamedTuple
+from typing import Any, AsyncIterator, Callable, NamedTuple
 
 # gRPC core logs its own INFO lines to stderr unless told otherwise; an operator
 # reading this plugin's log wants only ours. Must be set before grpc loads.
@@ -124,9 +125,11 @@ SHUTDOWN_GRACE_S = 0.5
 STOP_TIMEOUT_S = 0.5
 # Any process that can reach the socket may open ListAndWatch. Those streams
 # are served, but only this many at once per resource (each one holds memory),
-# except in the moments around the kubelet's own (see ListAndWatch).
+# and this many more opened within a second of the kubelet's own, in case the
+# kubelet's came second (see KubeletLink.admit_stream).
 MAX_OTHER_STREAMS = 4
 KUBELET_STREAM_GRACE_S = 1.0
+KUBELET_STREAM_GRACE_STREAMS = 2
 # A registration still unfinished after this long is stuck, whatever the
 # cause: /healthz fails, so that the liveness probe restarts the pod. So it
 # does past this many old servers that cannot finish stopping (each holds a
@@ -404,12 +407,9 @@ class NodeChecker:
 # ---------------------------------------------------------------------------
 
 def file_identity(path: str) -> tuple[int, int, int] | None:
-    """(device, inode, ctime) of a file, or None when it is not there.
-
-    What the reconcile steps compare: "the socket I bound" against a socket
-    made since at that path, "the kubelet I registered with" against a
-    restarted one, "the CDI spec I wrote" against an edited one.
-    """
+    """(device, inode, ctime) of a file, or None when it is not there: "the
+    CDI spec I wrote" against one edited or replaced since. (Sockets, which
+    nobody edits, are told apart by PinnedFile.)"""
     try:
         st = os.stat(path)
     except OSError:
@@ -606,35 +606,13 @@ class CdiSpec:
 
 
 # ---------------------------------------------------------------------------
-# The DevicePlugin servicer and its registration
+# What the kubelet sees: the DevicePlugin service
 #
-# One instance per resource. It owns that resource's gRPC server, its socket,
-# its open ListAndWatch streams, its health verdict and its registration
-# state. The kubelet only ever sees what this class sends.
+# One instance per resource: its device list and health verdict, and the
+# answers to the kubelet's five calls, refusals included. It knows nothing of
+# sockets or registration: the KubeletLink below serves it, and tells it
+# which of its ListAndWatch streams is the kubelet's.
 # ---------------------------------------------------------------------------
-
-
-def plugin_socket_name(device: str) -> str:
-    # Our own prefix, so that an operator listing the directory sees whose
-    # sockets these are; the kubelet only cares that it is a bare file name.
-    return f"kvm-device-plugin-{device}.sock"
-
-
-# A server binds "<socket>.<n>" first and renames it into place (see
-# restart_server): n < 1000, so the bound path is up to this many bytes longer.
-BIND_SUFFIX_BYTES = 4
-URI_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/-._~")
-
-
-def grpc_unix_target(path: str) -> str:
-    """The gRPC target for the unix socket at `path`.
-
-    gRPC parses a target as a URI: '#' would start a fragment, '?' a query,
-    and '%' escapes are decoded. Percent-encoding every other byte of the
-    path gives it back to the kernel as it is. (A ',' still splits the
-    address list in any form, so main() refuses a directory containing one.)
-    """
-    return "unix://" + "".join(chr(b) if b in URI_SAFE else f"%{b:02X}" for b in path.encode())
 
 
 def quoted(text: str) -> str:
@@ -651,70 +629,39 @@ def quoted(text: str) -> str:
 class ListAndWatchStream:
     """One open ListAndWatch call: woken on every health change, marked when it ends."""
 
-    def __init__(self, from_kubelet: bool) -> None:
-        self.from_kubelet = from_kubelet
+    def __init__(self) -> None:
+        self.from_kubelet = False  # KubeletLink.admit_stream decides
         self.opened_at = time.monotonic()
         self.changed = asyncio.Event()
         self.ended = asyncio.Event()
 
 
-class DevicePlugin(pb_grpc.DevicePluginServicer):
-    def __init__(
-        self,
-        kind: DeviceKind,
-        resource_name: str,
-        count: int,
-        permissions: str,
-        plugin_dir: str,
-        host_root: str,
-        cdi_spec_dir: str | None = None,
-    ) -> None:
+class DeviceService(pb_grpc.DevicePluginServicer):
+    def __init__(self, kind: DeviceKind, resource_name: str, count: int, permissions: str,
+                 host_root: str, cdi_spec_dir: str | None = None) -> None:
         self.kind = kind
         self.resource_name = resource_name
         self.count = count
-        self.socket_name = plugin_socket_name(kind.name)
-        self.socket_path = os.path.join(plugin_dir, self.socket_name)
-        self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET)
         self.checker = NodeChecker(kind, host_root)
-        self.wake: Callable[[], None] = lambda: None  # the lifecycle loop's, set by Daemon
-
         self.cdi = CdiSpec(cdi_spec_dir, resource_name, kind, permissions) if cdi_spec_dir else None
         # The kubelet gets the node's own path, never the host-root-prefixed
         # one we look at: the runtime creates the node from the host's path.
         device = pb.DeviceSpec(container_path=kind.path, host_path=kind.path, permissions=permissions)
-        self._container_response = pb.ContainerAllocateResponse(devices=[device])
+        self.answer = pb.ContainerAllocateResponse(devices=[device])
+        self.answer_with_cdi = self.answer
         if self.cdi is not None:
-            self._container_response_cdi = pb.ContainerAllocateResponse(
+            self.answer_with_cdi = pb.ContainerAllocateResponse(
                 devices=[device], cdi_devices=[pb.CDIDevice(name=self.cdi.device_name)]
             )
         self.verdict = Verdict(False, "not checked yet")
         # Built on first use and kept: with --count 100000 building a list
         # takes a few hundred milliseconds, and health flaps back and forth.
-        self._lists: dict[str, pb.ListAndWatchResponse] = {}
-
-        self.server: grpc.aio.Server | None = None
-        self.servers_started = 0  # names each server's temporary bind path
-        self.servers_stopping: set[asyncio.Future] = set()  # stops still finishing
-        self.bound_socket: tuple[int, int, int] | None = None
+        self.lists: dict[str, pb.ListAndWatchResponse] = {}
         self.streams: set[ListAndWatchStream] = set()  # every open ListAndWatch
-        # The stream that matters: the first ListAndWatch opened on the current
-        # server after the last Register was sent. Nothing on the wire tells
-        # the kubelet from another local client (no peer credentials reach a
-        # gRPC handler), so this is the best guess there is, and it errs on the
-        # safe side: should another client win that race and drop its stream,
-        # the plugin registers once more. Streams opened at any other time are
-        # served, but their end means nothing.
-        self.kubelet_stream: ListAndWatchStream | None = None
-        self.register_sent_at: float | None = None  # on the current server
         self.stopping = False
-
-        self.registered_with: tuple[int, int, int] | None = None  # kubelet.sock identity
-        self.registered_at = 0.0  # time.monotonic() of the last registration
-        self.registration: asyncio.Task | None = None
-        self.registration_target: tuple[int, int, int] | None = None
-        self.registration_started = 0.0  # time.monotonic() when the task began
-        self.outage_started: float | None = None  # when registering became necessary
-        self.registrations = 0  # successful Register calls, for the metrics
+        # Set by the KubeletLink and the lifecycle loop.
+        self.admit_stream: Callable[[ListAndWatchStream], bool] = lambda stream: True
+        self.wake: Callable[[], None] = lambda: None
         self.allocations = 0  # containers given the device
         self.allocation_errors = 0
 
@@ -730,11 +677,11 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         a NUMA hint could make a single-numa-node policy reject pods.
         """
         health = self.verdict.state
-        if health not in self._lists:
-            self._lists[health] = pb.ListAndWatchResponse(
+        if health not in self.lists:
+            self.lists[health] = pb.ListAndWatchResponse(
                 devices=[pb.Device(ID=f"{self.kind.name}{i}", health=health) for i in range(self.count)]
             )
-        return self._lists[health]
+        return self.lists[health]
 
     def refresh_health(self, misc: dict[str, int] | None) -> None:
         verdict = self.checker.check(misc)
@@ -743,6 +690,12 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         self.verdict = verdict
         log.log(logging.INFO if verdict.healthy else logging.WARNING,
                 "%s: %d devices %s: %s", self.resource_name, self.count, verdict.state, verdict.reason)
+        for stream in self.streams:
+            stream.changed.set()
+
+    def stop_streams(self) -> None:
+        """Have every stream send its last, empty list and end."""
+        self.stopping = True
         for stream in self.streams:
             stream.changed.set()
 
@@ -758,30 +711,19 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
 
         The kubelet opens one stream per registration and reads it forever. If
         that stream ends while we are running, the kubelet marks every device
-        unhealthy and never reconnects: the lifecycle loop must register again,
-        so the end of the kubelet's stream wakes it. Only the newest list ever
+        unhealthy and never reconnects: the end of the kubelet's stream wakes
+        the lifecycle loop, which registers again. Only the newest list ever
         waits to be sent: a reader that stops reading holds back one message,
         never a backlog (every change since folds into one wake-up).
         """
-        from_kubelet = self.register_sent_at is not None and self.kubelet_stream is None
-        # The kubelet's stream may come second, after another client's taken
-        # for it: nothing opened around then is refused.
-        near_kubelet = from_kubelet or (
-            self.kubelet_stream is not None
-            and time.monotonic() - self.kubelet_stream.opened_at < KUBELET_STREAM_GRACE_S
-        )
-        if not near_kubelet and sum(not s.from_kubelet for s in self.streams) >= MAX_OTHER_STREAMS:
+        stream = ListAndWatchStream()
+        if not self.admit_stream(stream):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.resource_name}: already serving {MAX_OTHER_STREAMS} ListAndWatch streams "
                 "to clients other than the kubelet",
             )
-        stream = ListAndWatchStream(from_kubelet)
-        if from_kubelet:
-            self.kubelet_stream = stream
         self.streams.add(stream)
-        log.debug("%s: %s opened ListAndWatch", self.resource_name,
-                  "the kubelet" if from_kubelet else "another client")
         try:
             while not self.stopping:
                 yield self.device_list()
@@ -793,7 +735,7 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         finally:
             self.streams.discard(stream)
             stream.ended.set()
-            if stream is self.kubelet_stream and not self.stopping:
+            if stream.from_kubelet and not self.stopping:
                 self.wake()
 
     async def GetPreferredAllocation(self, request, context):
@@ -819,11 +761,8 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         ids = [i for c in request.container_requests for i in c.devices_ids]
         shown = ",".join(ids[:8]) + (f",... ({len(ids)} IDs)" if len(ids) > 8 else "")
         log.info("%s: allocated %s", self.resource_name, shown)
-        if self.cdi is not None and self.cdi.in_place():
-            response = self._container_response_cdi
-        else:
-            response = self._container_response
-        return pb.AllocateResponse(container_responses=[response] * len(request.container_requests))
+        answer = self.answer_with_cdi if self.cdi is not None and self.cdi.in_place() else self.answer
+        return pb.AllocateResponse(container_responses=[answer] * len(request.container_requests))
 
     def allocation_refusal(self, request: pb.AllocateRequest) -> tuple[grpc.StatusCode, str] | None:
         """Why this request must be refused (status code and message), or None."""
@@ -879,63 +818,243 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
             log.warning("%s", message)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
-    # -- server and registration -------------------------------------------------
 
-    def socket_intact(self) -> bool:
-        return self.bound_socket is not None and file_identity(self.socket_path) == self.bound_socket
+def device_plugin_service(service: DeviceService) -> grpc.GenericRpcHandler:
+    """The v1beta1.DevicePlugin service, decoding requests itself.
 
-    def kubelet_stream_ended(self) -> bool:
-        return self.kubelet_stream is not None and self.kubelet_stream.ended.is_set()
+    Unlike the generated add_DevicePluginServicer_to_server, which lets gRPC
+    decode (see DeviceService.decode for why not). The method table is read
+    from the proto's descriptor, so it cannot drift from the stubs.
+    """
+    descriptor = pb.DESCRIPTOR.services_by_name["DevicePlugin"]
+    return grpc.method_handlers_generic_handler(
+        descriptor.full_name, {m.name: decoding_handler(service, m) for m in descriptor.methods}
+    )
 
-    def kubelet_stream_open(self) -> bool:
-        return self.kubelet_stream is not None and not self.kubelet_stream.ended.is_set()
 
-    def registration_overdue(self) -> float | None:
-        """Seconds a registration has been under way, when that is far too long."""
-        if self.registration is None or self.registration.done():
+def decoding_handler(service: DeviceService, method: Any) -> grpc.RpcMethodHandler:
+    request_type = getattr(pb, method.input_type.name)
+    serialize = getattr(pb, method.output_type.name).SerializeToString
+    implementation = getattr(service, method.name)
+    if method.server_streaming:
+        async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            request = await service.decode(request_type, raw, context)
+            # aclosing: the generator's cleanup (the end of the kubelet's
+            # stream wakes the lifecycle loop) runs now, not whenever the
+            # garbage collector gets to it.
+            async with contextlib.aclosing(implementation(request, context)) as responses:
+                async for response in responses:
+                    yield response
+        return grpc.unary_stream_rpc_method_handler(stream, response_serializer=serialize)
+
+    async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await implementation(await service.decode(request_type, raw, context), context)
+    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
+
+
+# ---------------------------------------------------------------------------
+# The link to the kubelet: socket, server, registration
+#
+# One instance per resource. It serves the resource's DeviceService on a
+# socket of its own in the kubelet's directory, registers it with the
+# kubelet, and tells the kubelet's ListAndWatch stream from other clients'.
+# The lifecycle loop asks it one thing: be registered with the kubelet.sock
+# that is there now.
+# ---------------------------------------------------------------------------
+
+
+def plugin_socket_name(device: str) -> str:
+    # Our own prefix, so that an operator listing the directory sees whose
+    # sockets these are; the kubelet only cares that it is a bare file name.
+    return f"kvm-device-plugin-{device}.sock"
+
+
+# A server binds "<socket>.<6 random hex digits>" first and renames it into
+# place (see restart_server), so the bound path is this many bytes longer.
+BIND_SUFFIX_BYTES = 7
+URI_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/-._~")
+
+
+def grpc_unix_target(path: str) -> str:
+    """The gRPC target for the unix socket at `path`.
+
+    gRPC parses a target as a URI: '#' would start a fragment, '?' a query,
+    and '%' escapes are decoded. Percent-encoding every other byte of the
+    path gives it back to the kernel as it is. (A ',' still splits the
+    address list in any form, so main() refuses a directory containing one.)
+    """
+    return "unix://" + "".join(chr(b) if b in URI_SAFE else f"%{b:02X}" for b in path.encode())
+
+
+def bind_problem(path: str) -> str:
+    """Why a unix socket cannot be bound at `path`. gRPC's own error says only
+    "Failed to bind"; a bind of our own learns the kernel's reason."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.bind(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        probe.close()
+    os.unlink(path)
+    return "gRPC could not bind it (GRPC_VERBOSITY=debug says why)"
+
+
+class PinnedFile:
+    """A file held by an O_PATH descriptor, to be told from any file made at
+    its path later.
+
+    (device, inode) alone cannot: once a file is deleted its inode number is
+    free, and a restarting kubelet's new kubelet.sock may get the old one's.
+    ctime cannot either: a touch, chmod or chown by a node agent changes it,
+    and this kernel changes a socket's once just after bind() and listen().
+    Holding the file keeps its inode, and so its number, taken.
+    """
+
+    def __init__(self, fd: int) -> None:
+        st = os.fstat(fd)
+        self.fd = fd
+        self.key: tuple[int, int] | None = (st.st_dev, st.st_ino)
+
+    @classmethod
+    def at(cls, path: str) -> PinnedFile | None:
+        try:
+            return cls(os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC))
+        except OSError:
             return None
-        pending = time.monotonic() - self.registration_started
-        return pending if pending > REGISTRATION_OVERDUE_S else None
 
-    def reason_to_register(self, kubelet: tuple[int, int, int] | None) -> str | None:
-        if kubelet is None:
-            return None
-        if self.registered_with is None:
-            return "not registered yet"
-        if self.registered_with != kubelet:
-            return "kubelet.sock was re-created"
-        if not self.socket_intact():
-            return "plugin socket was deleted"
-        if self.kubelet_stream_ended():
-            return "kubelet ended the ListAndWatch stream"
-        if self.kubelet_stream is None and time.monotonic() - self.registered_at > STREAM_EXPECTED_WITHIN_S:
-            return f"kubelet opened no ListAndWatch stream within {STREAM_EXPECTED_WITHIN_S:.0f} s"
-        return None
+    def is_at(self, path: str) -> bool:
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return False
+        return self.key == (st.st_dev, st.st_ino)
 
-    def reconcile_registration(self, kubelet: tuple[int, int, int] | None) -> None:
+    def close(self) -> None:
+        if self.key is not None:
+            os.close(self.fd)
+            self.key = None
+
+
+class KubeletLink:
+    def __init__(self, service: DeviceService, plugin_dir: str) -> None:
+        self.service = service
+        service.admit_stream = self.admit_stream
+        self.socket_path = os.path.join(plugin_dir, plugin_socket_name(service.kind.name))
+        self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET)
+        self.wake: Callable[[], None] = lambda: None  # the lifecycle loop's
+        self.server: grpc.aio.Server | None = None
+        self.socket: PinnedFile | None = None  # the socket file the server is at
+        self.servers_stopping: set[asyncio.Future] = set()  # stops still finishing
+        self.awaiting_kubelet_stream = False  # Register sent on the current server
+        self.kubelet_stream: ListAndWatchStream | None = None
+        self.kubelet: PinnedFile | None = None  # the kubelet.sock registered, or registering, with
+        self.registered_at: float | None = None  # when Register with it returned
+        self.registration: asyncio.Task | None = None
+        self.registration_started = 0.0
+        self.outage_started: float | None = None  # when registering became necessary
+        self.registrations = 0  # successful Register calls
+
+    # -- what the lifecycle loop and the probes ask -------------------------------
+
+    def is_registered_with(self, kubelet: PinnedFile | None) -> bool:
+        return (kubelet is not None and kubelet is self.kubelet and self.registered_at is not None
+                and self.kubelet_stream is not None and not self.kubelet_stream.ended.is_set())
+
+    def reconcile(self, kubelet: PinnedFile | None) -> None:
+        """Register with `kubelet` (the kubelet.sock there now) unless done or under way."""
         reason = self.reason_to_register(kubelet)
-        if reason is None:
+        if reason is None or kubelet is None:
             return
         if self.registration is not None and not self.registration.done():
-            if self.registration_target == kubelet:
-                return  # already on it
             # A Register to a kubelet that is going away can hang for its 10 s
             # dial-back; the new kubelet must not wait for that.
             self.registration.cancel()
+        now = time.monotonic()
         if self.outage_started is None:
-            self.outage_started = time.monotonic()
+            self.outage_started = now
         if self.registrations:
-            log.info("%s: registering again: %s", self.resource_name, reason)
+            log.info("%s: registering again: %s", self.service.resource_name, reason)
         # A kubelet (the same one: a new one is always served at once) that
         # ends every stream right after registering would otherwise have us
         # register again at full speed, forever.
-        refused = self.registered_with == kubelet and self.kubelet_stream_ended()
-        short_lived = time.monotonic() - self.registered_at < STREAM_MIN_LIFE_S
-        pause = RETRY_MAX_S if refused and short_lived else 0.0
-        self.registration_target = kubelet
-        self.registered_with = None
-        self.registration_started = time.monotonic()
-        self.registration = asyncio.create_task(self._register(kubelet, pause))
+        refused = (kubelet is self.kubelet and self.kubelet_stream is not None
+                   and self.kubelet_stream.ended.is_set() and self.registered_at is not None
+                   and now - self.registered_at < STREAM_MIN_LIFE_S)
+        self.kubelet, self.registered_at = kubelet, None
+        self.registration_started = now
+        self.registration = asyncio.create_task(self._register(kubelet, RETRY_MAX_S if refused else 0.0))
+
+    def reason_to_register(self, kubelet: PinnedFile | None) -> str | None:
+        if kubelet is None:
+            return None
+        if kubelet is not self.kubelet:
+            return "not registered yet" if self.kubelet is None else "kubelet.sock was re-created"
+        if self.registered_at is None:
+            under_way = self.registration is not None and not self.registration.done()
+            return None if under_way else "not registered yet"
+        if not self.socket_intact():
+            return "plugin socket was deleted"
+        if self.kubelet_stream is None:
+            if time.monotonic() - self.registered_at > STREAM_EXPECTED_WITHIN_S:
+                return f"kubelet opened no ListAndWatch stream within {STREAM_EXPECTED_WITHIN_S:.0f} s"
+        elif self.kubelet_stream.ended.is_set():
+            return "kubelet ended the ListAndWatch stream"
+        return None
+
+    def socket_intact(self) -> bool:
+        return self.socket is not None and self.socket.is_at(self.socket_path)
+
+    def admit_stream(self, stream: ListAndWatchStream) -> bool:
+        """Mark the kubelet's stream; refuse another client's past the cap.
+
+        The kubelet's is the first ListAndWatch opened on the current server
+        after Register was sent. Nothing on the wire tells the kubelet from
+        another local client (no peer credentials reach a gRPC handler), so
+        this is a guess that errs on the safe side: should another client win
+        that race and drop its stream, the plugin registers once more. In case
+        the kubelet's came second, a few streams opened close to that one are
+        let in past the cap.
+        """
+        if self.awaiting_kubelet_stream and self.kubelet_stream is None:
+            stream.from_kubelet = True
+            self.kubelet_stream = stream
+            return True
+        others = [s for s in self.service.streams if not s.from_kubelet]
+        if len(others) < MAX_OTHER_STREAMS:
+            return True
+        first = self.kubelet_stream
+        if first is None or stream.opened_at - first.opened_at > KUBELET_STREAM_GRACE_S:
+            return False
+        near = sum(s.opened_at - first.opened_at <= KUBELET_STREAM_GRACE_S for s in others)
+        return near < KUBELET_STREAM_GRACE_STREAMS
+
+    async def liveness_problem(self) -> str | None:
+        name = self.service.resource_name
+        registering = self.registration is not None and not self.registration.done()
+        pending = time.monotonic() - self.registration_started
+        if registering and pending > REGISTRATION_OVERDUE_S:
+            return f"{name}: registration under way for {pending:.0f} s"
+        if len(self.servers_stopping) > MAX_SERVERS_STOPPING:
+            return (f"{name}: {len(self.servers_stopping)} old gRPC servers cannot finish stopping "
+                    "(clients that stopped reading hold them)")
+        server = self.server
+        if not self.socket_intact():
+            return None  # between servers: the lifecycle loop is on it
+        try:
+            async with grpc.aio.insecure_channel(
+                grpc_unix_target(self.socket_path), options=CHANNEL_OPTIONS
+            ) as channel:
+                await pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
+                    pb.Empty(), timeout=SELF_CHECK_TIMEOUT_S
+                )
+        except grpc.aio.AioRpcError as e:
+            if self.server is not server or not self.socket_intact():
+                return None  # a kubelet restart deleted the socket meanwhile: no flapping
+            return f"{name}: server does not answer ({e.code().name})"
+        return None
+
+    # -- the server and its socket ----------------------------------------------------
 
     async def restart_server(self) -> None:
         """Stop the old server, then serve afresh on the same path.
@@ -944,75 +1063,96 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         path it bound, possibly long after stop() was called (see stop_server);
         and binding silently replaces a live socket. So each server binds a
         name of its own and is renamed into place: however late an old server
-        finishes stopping, the file it deletes is not its successor's.
-        Stopping first also ends the old ListAndWatch stream before the new
-        registration, as kubelets before the late-2025 fix need (the old
+        finishes stopping, the file it deletes is not its successor's. The
+        name is random, so that no one can plant files at every name we might
+        use. Stopping first also ends the old ListAndWatch stream before the
+        new registration, as kubelets up to at least 1.36 need (the old
         connection's end could tear down the new one).
         """
         await self.stop_server(grace=None)
-        self.register_sent_at = None
-        self.servers_started += 1
-        bind_path = f"{self.socket_path}.{self.servers_started % 1000}"
+        bind_path = f"{self.socket_path}.{os.urandom(3).hex()}"
         # A request holds device IDs, a few bytes each and never more than
         # count of them. gRPC's default limit (4 MiB) lets any client have us
         # decode 500,000 container requests: 0.5 s on the loop and 70 MB of
         # RSS kept afterwards, an OOM kill under the DaemonSet's limit.
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 65536 + 16 * self.count)])
-        server.add_generic_rpc_handlers((device_plugin_service(self),))
-        server.add_insecure_port(grpc_unix_target(bind_path))  # binds the path now
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", 65536 + 16 * self.service.count)]
+        )
+        server.add_generic_rpc_handlers((device_plugin_service(self.service),))
+        try:
+            server.add_insecure_port(grpc_unix_target(bind_path))  # binds the path now
+        except RuntimeError:
+            raise OSError(f"cannot bind a socket next to {self.socket_path}: {bind_problem(bind_path)}") from None
         # Held before start(): a registration cancelled while it starts must
         # leave a server that the next stop_server() stops, not an orphan.
         self.server = server
         await server.start()
-        # rename() replaces whatever is at the socket path (a stale socket of
-        # a killed run, say) in one step.
-        os.rename(bind_path, self.socket_path)
-        self.bound_socket = file_identity(self.socket_path)
+        self.socket = PinnedFile.at(bind_path)
+        self.take_socket_path(bind_path)
+
+    def take_socket_path(self, bind_path: str) -> None:
+        """Rename the bound socket to our name, replacing whatever is there:
+        a stale socket of a killed run, a regular file, an empty directory (a
+        hostPath mount of a missing file creates one). A directory with
+        something in it is not ours to remove."""
+        try:
+            try:
+                os.rename(bind_path, self.socket_path)
+            except IsADirectoryError:
+                os.rmdir(self.socket_path)
+                os.rename(bind_path, self.socket_path)
+        except OSError as e:
+            raise OSError(f"cannot put a socket at {self.socket_path}: {e.strerror}") from None
 
     async def stop_server(self, grace: float | None) -> None:
         """Stop the current server; wait, within bounds, for what must end first.
 
         gRPC's stop() waits for every call to finish, and a call whose reader
         stopped reading never does (its message waits on HTTP/2 flow control).
-        So the stop is waited for only so long: at shutdown, for the grace the
-        streams get to send their empty list; before a new registration, until
-        the kubelet's stream has ended. The rest finishes in the background.
+        So the stop is waited for only so long: at shutdown (a `grace`), for
+        the grace the streams get to send their empty list; before a new
+        registration, until the kubelet's stream has ended. The rest finishes
+        in the background.
         """
         server, self.server = self.server, None
+        kubelet_stream, self.kubelet_stream = self.kubelet_stream, None
+        self.awaiting_kubelet_stream = False
+        socket_file, self.socket = self.socket, None
+        if socket_file is not None:
+            # The server deletes only its bind path; the socket path is ours
+            # to remove, unless the file there is not the one we put there.
+            if socket_file.is_at(self.socket_path):
+                try:
+                    os.unlink(self.socket_path)
+                except OSError as e:  # gone already, or a read-only directory: stop anyway
+                    if e.errno != errno.ENOENT:
+                        log.warning("%s: cannot remove %s: %s",
+                                    self.service.resource_name, self.socket_path, e.strerror)
+            socket_file.close()
         if server is None:
             return
-        kubelet_stream, self.kubelet_stream = self.kubelet_stream, None
-        mine, self.bound_socket = self.bound_socket, None
-        # The server deletes only its bind path; the socket path is ours to
-        # remove, unless it is not the file we put there any more.
-        if mine is not None and file_identity(self.socket_path) == mine:
-            try:
-                os.unlink(self.socket_path)
-            except OSError as e:  # gone already, or a read-only directory: stop anyway
-                if e.errno != errno.ENOENT:
-                    log.warning("%s: cannot remove %s: %s", self.resource_name, self.socket_path, e.strerror)
         stopping = asyncio.ensure_future(server.stop(grace))
         self.servers_stopping.add(stopping)
         stopping.add_done_callback(self.servers_stopping.discard)
-        if self.stopping:
-            await asyncio.wait([stopping], timeout=(grace or 0.0) + STOP_TIMEOUT_S)
+        if grace is not None:
+            await asyncio.wait([stopping], timeout=grace + STOP_TIMEOUT_S)
         elif kubelet_stream is not None:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(kubelet_stream.ended.wait(), STOP_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                pass
 
-    async def _register(self, kubelet: tuple[int, int, int], pause: float) -> None:
+    # -- registration -------------------------------------------------------------------
+
+    async def _register(self, kubelet: PinnedFile, pause: float) -> None:
+        name = self.service.resource_name
         delay = RETRY_FIRST_S
-        last_error = ""
+        logged_cause = ""
         served = False
         try:
             await asyncio.sleep(pause)
             while True:
-                if file_identity(self.kubelet_socket) != kubelet:
+                if not kubelet.is_at(self.kubelet_socket):
                     # That kubelet is gone; the lifecycle loop starts afresh
-                    # for the one there now. Registering with it under the
-                    # old identity would only cost a second registration.
+                    # for the one there now.
                     return
                 unexpected: Exception | None = None
                 try:
@@ -1022,36 +1162,35 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
                     await self._call_register()
                     break
                 except grpc.aio.AioRpcError as e:
-                    error = f"{e.code().name}: {e.details()}"
+                    # Said once per status code: the details of a refused
+                    # connection differ every time.
+                    cause, error = e.code().name, f"{e.code().name}: {e.details()}"
                     transient = e.code() == grpc.StatusCode.UNAVAILABLE
-                except (OSError, RuntimeError) as e:  # cannot bind: directory gone
-                    error, transient = str(e), True
+                except (OSError, RuntimeError) as e:
+                    cause = error = str(e)
+                    transient = True
                 except Exception as e:  # noqa: BLE001 - a bug, or a case no one foresaw
                     # Logged once with its traceback, then retried like a
                     # refusal: a daemon that gives up leaves the node at 0.
-                    error, transient, unexpected = f"{type(e).__name__}: {e}", False, e
+                    cause = error = f"{type(e).__name__}: {e}"
+                    transient, unexpected = False, e
                 # A refusal is worth a line once it has lasted about a second
                 # (the retries have slowed to RETRY_MAX_S); a rejection by the
-                # kubelet (invalid name, ...) at once. Each only once.
-                if error != last_error and (delay >= RETRY_MAX_S or not transient):
-                    log.warning(
-                        "%s: registration with %s failed (%s); retrying every %.0f s at most",
-                        self.resource_name, self.kubelet_socket, error, RETRY_MAX_S,
-                        exc_info=unexpected,
-                    )
-                    last_error = error
+                # kubelet (invalid name, ...) at once. Each cause only once.
+                if cause != logged_cause and (delay >= RETRY_MAX_S or not transient):
+                    log.warning("%s: registration with %s failed (%s); retrying every %.0f s at most",
+                                name, self.kubelet_socket, error, RETRY_MAX_S, exc_info=unexpected)
+                    logged_cause = cause
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
-            self.registered_with = kubelet
-            self.registered_at = time.monotonic()
-            took_ms = (time.monotonic() - (self.outage_started or time.monotonic())) * 1000
+            now = time.monotonic()
+            self.registered_at = now
+            took_ms = (now - (self.outage_started or now)) * 1000
             self.outage_started = None
             again = "again " if self.registrations else ""
             self.registrations += 1
-            log.info(
-                "%s: registered %swith the kubelet after %.0f ms (%d devices %s)",
-                self.resource_name, again, took_ms, self.count, self.verdict.state,
-            )
+            log.info("%s: registered %swith the kubelet after %.0f ms (%d devices %s)",
+                     name, again, took_ms, self.service.count, self.service.verdict.state)
         finally:
             self.wake()  # the socket or the kubelet may have changed meanwhile
 
@@ -1061,58 +1200,23 @@ class DevicePlugin(pb_grpc.DevicePluginServicer):
         ) as channel:
             # From here on the kubelet may dial back and open its stream; a
             # retried Register makes it open a new one.
-            self.register_sent_at = time.monotonic()
+            self.awaiting_kubelet_stream = True
             self.kubelet_stream = None
             await pb_grpc.RegistrationStub(channel).Register(
                 pb.RegisterRequest(
                     version=API_VERSION,
-                    endpoint=self.socket_name,  # a bare name inside plugin_dir
-                    resource_name=self.resource_name,
+                    endpoint=os.path.basename(self.socket_path),  # a bare name inside plugin_dir
+                    resource_name=self.service.resource_name,
                     options=PLUGIN_OPTIONS,
                 ),
                 timeout=REGISTER_TIMEOUT_S,
             )
 
     async def shutdown(self) -> None:
-        self.stopping = True
         if self.registration is not None:
             self.registration.cancel()
-        for stream in self.streams:
-            stream.changed.set()
+        self.service.stop_streams()
         await self.stop_server(grace=SHUTDOWN_GRACE_S)
-
-
-def device_plugin_service(plugin: DevicePlugin) -> grpc.GenericRpcHandler:
-    """The v1beta1.DevicePlugin service of one plugin, decoding requests itself.
-
-    Unlike the generated add_DevicePluginServicer_to_server, which lets gRPC
-    decode (see DevicePlugin.decode for why not). The method table is read
-    from the proto's descriptor, so it cannot drift from the stubs.
-    """
-    service = pb.DESCRIPTOR.services_by_name["DevicePlugin"]
-    return grpc.method_handlers_generic_handler(
-        service.full_name, {method.name: decoding_handler(plugin, method) for method in service.methods}
-    )
-
-
-def decoding_handler(plugin: DevicePlugin, method) -> grpc.RpcMethodHandler:
-    request_type = getattr(pb, method.input_type.name)
-    serialize = getattr(pb, method.output_type.name).SerializeToString
-    implementation = getattr(plugin, method.name)
-    if method.server_streaming:
-        async def stream(raw: bytes, context: grpc.aio.ServicerContext):
-            request = await plugin.decode(request_type, raw, context)
-            # aclosing: the plugin's generator is closed, and runs its cleanup
-            # (the end of the kubelet's stream wakes the lifecycle loop), with
-            # this one, not whenever the garbage collector gets to it.
-            async with contextlib.aclosing(implementation(request, context)) as responses:
-                async for response in responses:
-                    yield response
-        return grpc.unary_stream_rpc_method_handler(stream, response_serializer=serialize)
-
-    async def unary(raw: bytes, context: grpc.aio.ServicerContext):
-        return await implementation(await plugin.decode(request_type, raw, context), context)
-    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
 
 
 # ---------------------------------------------------------------------------
@@ -1120,33 +1224,33 @@ def decoding_handler(plugin: DevicePlugin, method) -> grpc.RpcMethodHandler:
 #
 # One loop reconciles everything: on every wake-up (inotify, a stream ending, a
 # registration finishing, a signal, or the periodic safety net) it re-checks
-# every device, then asks each plugin whether it is registered with the
-# kubelet.sock that exists now over a socket that is still its own, and starts
-# (or restarts) registration where it is not.
+# every device, looks at which kubelet.sock is there, and has each link
+# register with it where it is not registered already.
 # ---------------------------------------------------------------------------
 
 
 class Daemon:
-    def __init__(self, plugins: list[DevicePlugin], plugin_dir: str,
+    def __init__(self, links: list[KubeletLink], plugin_dir: str,
                  status_port: int | None = None, status_address: str | None = None) -> None:
-        self.plugins = plugins
-        for plugin in plugins:
-            plugin.wake = self.wake
+        self.links = links
+        for link in links:
+            link.wake = link.service.wake = self.wake
         self.plugin_dir = plugin_dir
         self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET)
+        self.kubelet: PinnedFile | None = None  # the kubelet.sock there at the last reconcile
+        self.kubelet_seen = False
+        self.waiting_logged = False
         self.woken = asyncio.Event()
         self.stop_requested = False
         self.exit_code = 0
         self.lock_fd = -1
         self.lock_identity: tuple[int, int] | None = None  # (device, inode) of the locked directory
-        self.last_kubelet: tuple[int, int, int] | None = None  # the last kubelet.sock seen
-        self.waiting_logged = False
         self.loop_errors_seen: set[tuple] = set()
         watched = [self.kubelet_socket]
-        for plugin in plugins:
-            watched += [plugin.socket_path, plugin.checker.node_path]
-            if plugin.cdi is not None:
-                watched.append(plugin.cdi.path)
+        for link in links:
+            watched += [link.socket_path, link.service.checker.node_path]
+            if link.service.cdi is not None:
+                watched.append(link.service.cdi.path)
         self.watcher = DirectoryWatcher(watched, self.wake)
         self.poll_s = RECHECK_S
         self.status = StatusEndpoint(self, status_port, status_address) if status_port is not None else None
@@ -1154,41 +1258,16 @@ class Daemon:
     def wake(self) -> None:
         self.woken.set()
 
-    def is_ready(self, plugin: DevicePlugin) -> bool:
-        kubelet = file_identity(self.kubelet_socket)
-        return kubelet is not None and plugin.registered_with == kubelet and plugin.kubelet_stream_open()
+    def is_ready(self, link: KubeletLink) -> bool:
+        kubelet = self.kubelet
+        return kubelet is not None and kubelet.is_at(self.kubelet_socket) and link.is_registered_with(kubelet)
 
     def not_ready(self) -> list[str]:
-        return [f"{p.resource_name}: not registered with a stream open" for p in self.plugins
-                if self.stop_requested or not self.is_ready(p)]
+        return [f"{link.service.resource_name}: not registered with a stream open" for link in self.links
+                if self.stop_requested or not self.is_ready(link)]
 
     async def not_alive(self) -> list[str]:
-        async def answers(plugin: DevicePlugin) -> str | None:
-            overdue = plugin.registration_overdue()
-            if overdue is not None:
-                return f"{plugin.resource_name}: registration under way for {overdue:.0f} s"
-            if len(plugin.servers_stopping) > MAX_SERVERS_STOPPING:
-                return (f"{plugin.resource_name}: {len(plugin.servers_stopping)} old gRPC servers cannot "
-                        "finish stopping (clients that stopped reading hold them)")
-            server = plugin.server
-            if not plugin.socket_intact():
-                return None  # between servers: the lifecycle loop is on it
-            try:
-                async with grpc.aio.insecure_channel(
-                    grpc_unix_target(plugin.socket_path), options=CHANNEL_OPTIONS
-                ) as channel:
-                    await pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
-                        pb.Empty(), timeout=SELF_CHECK_TIMEOUT_S
-                    )
-            except grpc.aio.AioRpcError as e:
-                if plugin.server is not server or not plugin.socket_intact():
-                    # A kubelet restart deleted the socket while we dialled:
-                    # the lifecycle loop is on it, and liveness must not flap.
-                    return None
-                return f"{plugin.resource_name}: server does not answer ({e.code().name})"
-            return None
-
-        results = await asyncio.gather(*(answers(p) for p in self.plugins))
+        results = await asyncio.gather(*(link.liveness_problem() for link in self.links))
         return [problem for problem in results if problem]
 
     def request_stop(self, signum: int) -> None:
@@ -1196,10 +1275,10 @@ class Daemon:
         self.stop_requested = True
         self.wake()
 
-    def log_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    def log_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """asyncio's report of an error nobody awaited (a failed accept(), a
-        task's exception): logged once per cause, with its traceback, instead
-        of once per occurrence, so that a peer repeating it cannot flood the log."""
+        task's exception): logged once per cause, with its traceback, so that
+        a peer repeating it cannot flood the log."""
         error = context.get("exception")
         cause = (context.get("message"), type(error).__name__, getattr(error, "errno", None))
         if cause in self.loop_errors_seen:
@@ -1213,9 +1292,8 @@ class Daemon:
         loop.set_exception_handler(self.log_loop_error)
         # As PID 1 in a container SIGTERM would otherwise do nothing, and the
         # default action of the others is to die without a word: sockets left
-        # behind, the kubelet never told. SIGHUP (a terminal going away) and
-        # SIGQUIT ask a daemon to stop as much as SIGTERM does; SIGUSR1 and
-        # SIGUSR2 mean nothing here and are ignored.
+        # behind, the kubelet never told. SIGHUP and SIGQUIT ask a daemon to
+        # stop as much as SIGTERM does; SIGUSR1 and SIGUSR2 mean nothing here.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
             loop.add_signal_handler(signum, self.request_stop, signum)
         for signum in (signal.SIGUSR1, signal.SIGUSR2):
@@ -1243,12 +1321,10 @@ class Daemon:
                 except Exception as e:  # noqa: BLE001 - a bug: say so, keep the node served
                     self.log_loop_error(loop, {"message": "reconcile failed", "exception": e})
                     await asyncio.sleep(RETRY_MAX_S)  # not at the pace of events
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.woken.wait(), timeout=self.poll_s)
-                except asyncio.TimeoutError:
-                    pass
         finally:
-            await asyncio.gather(*(plugin.shutdown() for plugin in self.plugins))
+            await asyncio.gather(*(link.shutdown() for link in self.links))
             self.watcher.close()
             if self.status is not None:
                 await self.status.close()
@@ -1257,12 +1333,12 @@ class Daemon:
 
     def reconcile(self, recheck: bool = False) -> None:
         misc = read_proc_misc()
-        for plugin in self.plugins:
+        for link in self.links:
             if recheck:
                 # A check that failed for a passing reason (the node vanished
                 # while being opened) is made again.
-                plugin.checker.forget_errors(misc)
-            plugin.refresh_health(misc)
+                link.service.checker.forget_errors(misc)
+            link.service.refresh_health(misc)
         if self.watcher.fd >= 0 and not self.watcher.sync():
             self.poll_s = POLL_WITHOUT_INOTIFY_S
         if not os.path.isdir(self.plugin_dir):
@@ -1271,27 +1347,31 @@ class Daemon:
         if not self.hold_lock():
             return
         # Only the instance holding the lock writes anything, CDI specs included.
-        for plugin in self.plugins:
-            if plugin.cdi is not None:
-                plugin.cdi.refresh()
-        kubelet = file_identity(self.kubelet_socket)
-        self.note_kubelet(kubelet, f"{self.kubelet_socket} does not exist")
-        for plugin in self.plugins:
-            plugin.reconcile_registration(kubelet)
+        for link in self.links:
+            if link.service.cdi is not None:
+                link.service.cdi.refresh()
+        if self.kubelet is None or not self.kubelet.is_at(self.kubelet_socket):
+            self.note_kubelet(PinnedFile.at(self.kubelet_socket), f"{self.kubelet_socket} does not exist")
+        for link in self.links:
+            link.reconcile(self.kubelet)
 
-    def note_kubelet(self, kubelet: tuple[int, int, int] | None, why_absent: str) -> None:
-        """Log the kubelet coming and going once, not once per wake-up."""
+    def note_kubelet(self, kubelet: PinnedFile | None, why_absent: str) -> None:
+        """Take `kubelet` as the kubelet.sock there now; log its coming and
+        going once, not once per wake-up."""
+        if self.kubelet is not None:
+            self.kubelet.close()
+        self.kubelet = kubelet
         if kubelet is None:
             if not self.waiting_logged:
                 log.info("waiting for the kubelet: %s", why_absent)
                 self.waiting_logged = True
             return
-        if self.last_kubelet is not None and kubelet != self.last_kubelet:
+        if self.kubelet_seen:
             log.info("kubelet restarted: %s was re-created", self.kubelet_socket)
-        elif self.last_kubelet is None and self.waiting_logged:
+        elif self.waiting_logged:
             log.info("kubelet appeared: %s", self.kubelet_socket)
+        self.kubelet_seen = True
         self.waiting_logged = False
-        self.last_kubelet = kubelet
 
     def hold_lock(self) -> bool:
         """Hold an exclusive flock on the plugin directory while we run.
@@ -1438,25 +1518,27 @@ class StatusEndpoint:
         raise ValueError("request too large")
 
     def metrics(self) -> str:
-        plugins = self.daemon.plugins
-        families = [
-            ("devices", "gauge", "Devices advertised to the kubelet.", lambda p: p.count),
+        links = self.daemon.links
+        families: list[tuple[str, str, str, Callable[[KubeletLink], int]]] = [
+            ("devices", "gauge", "Devices advertised to the kubelet.", lambda link: link.service.count),
             ("healthy_devices", "gauge", "Devices advertised Healthy.",
-             lambda p: p.count if p.verdict.healthy else 0),
+             lambda link: link.service.count if link.service.verdict.healthy else 0),
             ("registered", "gauge", "1 while registered with the kubelet and its stream is open.",
-             lambda p: int(self.daemon.is_ready(p))),
+             lambda link: int(self.daemon.is_ready(link))),
             ("registrations_total", "counter", "Successful registrations with the kubelet.",
-             lambda p: p.registrations),
+             lambda link: link.registrations),
             ("reregistrations_total", "counter", "Registrations after the first (kubelet restarts, "
-             "ended streams, deleted sockets).", lambda p: max(p.registrations - 1, 0)),
-            ("allocations_total", "counter", "Containers given the device.", lambda p: p.allocations),
-            ("allocation_errors_total", "counter", "Allocate calls refused.", lambda p: p.allocation_errors),
+             "ended streams, deleted sockets).", lambda link: max(link.registrations - 1, 0)),
+            ("allocations_total", "counter", "Containers given the device.",
+             lambda link: link.service.allocations),
+            ("allocation_errors_total", "counter", "Allocate calls refused.",
+             lambda link: link.service.allocation_errors),
         ]
         lines = []
         for name, kind, help_text, value in families:
             metric = f"kvm_device_plugin_{name}"
             lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
-            lines += [f'{metric}{{resource="{p.resource_name}"}} {value(p)}' for p in plugins]
+            lines += [f'{metric}{{resource="{link.service.resource_name}"}} {value(link)}' for link in links]
         return "\n".join(lines) + "\n"
 
 
@@ -1680,21 +1762,20 @@ def main(argv: list[str] | None = None) -> int:
     permissions = resolve_permissions(args.permissions)
 
     async def serve() -> int:
-        plugins = [
-            DevicePlugin(
-                DEVICE_TABLE[name], f"{args.resource_domain}/{name}", args.count,
-                permissions, plugin_dir, host_root,
-                os.path.abspath(args.cdi_spec_dir) if args.cdi_spec_dir else None,
-            )
+        cdi_spec_dir = os.path.abspath(args.cdi_spec_dir) if args.cdi_spec_dir else None
+        links = [
+            KubeletLink(DeviceService(DEVICE_TABLE[name], f"{args.resource_domain}/{name}", args.count,
+                                      permissions, host_root, cdi_spec_dir), plugin_dir)
             for name in args.devices
         ]
-        daemon = Daemon(plugins, plugin_dir, args.metrics_port, args.metrics_address)
+        daemon = Daemon(links, plugin_dir, args.metrics_port, args.metrics_address)
         log.info(
             "serving %s with %d devices each (permissions %s, host root %s, plugin dir %s)",
-            ", ".join(p.resource_name for p in plugins), args.count, permissions, host_root, plugin_dir,
+            ", ".join(link.service.resource_name for link in links), args.count, permissions, host_root,
+            plugin_dir,
         )
         code = await daemon.run()
-        if any(plugin.servers_stopping for plugin in plugins):
+        if any(link.servers_stopping for link in links):
             # A server whose peer stopped reading never finishes stopping, and
             # asyncio.run() would wait for gRPC's executor thread forever. The
             # sockets are gone and the kubelet was told: nothing is left to do.

@@ -1179,13 +1179,13 @@ FAULTY_REGISTRATION = """
 import sys
 import kvm_device_plugin as kdp
 failures = []
-original = kdp.DevicePlugin._call_register
+original = kdp.KubeletLink._call_register
 async def faulty(self):
     if len(failures) < 3:
         failures.append(1)
         raise ZeroDivisionError("injected")
     await original(self)
-kdp.DevicePlugin._call_register = faulty
+kdp.KubeletLink._call_register = faulty
 sys.exit(kdp.main(sys.argv[1:]))
 """
 
@@ -1265,18 +1265,17 @@ def test_liveness_does_not_flap_through_kubelet_restarts(served):
 
 
 def test_a_registration_under_way_for_too_long_fails_liveness():
-    plugin = kdp.DevicePlugin(kdp.DEVICE_TABLE["kvm"], resource("kvm"), 1, "rw", "/nonexistent", "/")
-
-    class Pending:
-        @staticmethod
-        def done() -> bool:
-            return False
-    assert plugin.registration_overdue() is None  # no registration at all
-    plugin.registration = Pending()
-    plugin.registration_started = time.monotonic() - kdp.REGISTRATION_OVERDUE_S / 2
-    assert plugin.registration_overdue() is None
-    plugin.registration_started = time.monotonic() - kdp.REGISTRATION_OVERDUE_S - 1
-    assert plugin.registration_overdue() > kdp.REGISTRATION_OVERDUE_S
+    async def verdict(pending_s: float | None) -> str | None:
+        link = kdp.KubeletLink(kdp.DeviceService(kdp.DEVICE_TABLE["kvm"], resource("kvm"), 1, "rw", "/"),
+                               "/nonexistent")
+        if pending_s is not None:
+            link.registration = asyncio.get_running_loop().create_future()
+            link.registration_started = time.monotonic() - pending_s
+        return await link.liveness_problem()
+    assert asyncio.run(verdict(None)) is None  # no registration at all
+    assert asyncio.run(verdict(kdp.REGISTRATION_OVERDUE_S / 2)) is None
+    problem = asyncio.run(verdict(kdp.REGISTRATION_OVERDUE_S + 1))
+    assert problem is not None and problem.startswith(f"{resource('kvm')}: registration under way for ")
 
 
 def test_a_flood_from_one_address_does_not_drop_another_addresss_request(env):
@@ -1318,10 +1317,11 @@ def test_a_stop_request_during_startup_exits_0(env):
 
 def test_old_servers_that_cannot_finish_stopping_fail_liveness():
     async def verdict(stuck: int) -> list[str]:
-        plugin = kdp.DevicePlugin(kdp.DEVICE_TABLE["kvm"], resource("kvm"), 1, "rw", "/nonexistent", "/")
-        daemon = kdp.Daemon([plugin], "/nonexistent")
+        link = kdp.KubeletLink(kdp.DeviceService(kdp.DEVICE_TABLE["kvm"], resource("kvm"), 1, "rw", "/"),
+                               "/nonexistent")
+        daemon = kdp.Daemon([link], "/nonexistent")
         loop = asyncio.get_running_loop()
-        plugin.servers_stopping = {loop.create_future() for _ in range(stuck)}
+        link.servers_stopping = {loop.create_future() for _ in range(stuck)}
         return await daemon.not_alive()
     assert asyncio.run(verdict(kdp.MAX_SERVERS_STOPPING)) == []
     assert asyncio.run(verdict(kdp.MAX_SERVERS_STOPPING + 1)) == [
