@@ -1,41 +1,31 @@
 #!/usr/bin/env python3
 """A Kubernetes device plugin for /dev/kvm, /dev/net/tun and /dev/vhost-net.
 
-Why it exists
--------------
 A pod that runs virtual machines (KubeVirt's virt-launcher, Kata, Firecracker
-runners, CI sandboxes) needs a few device nodes. Without a device plugin the
-only way to get them is a privileged container. With it, the pod asks for
-``devices.kubevirt.io/kvm: 1`` in its limits, the scheduler places it only on
-nodes that advertise the resource, and the kubelet adds the device node to the
-container's device cgroup and /dev, and nothing else.
+runners, CI sandboxes) asks for ``devices.kubevirt.io/kvm: 1`` in its limits
+instead of running privileged; the kubelet puts the device node into that
+container, and nothing else. For every resource (kvm, tun, vhost-net, ...)
+this plugin, through the kubelet's Device Plugin API (v1beta1):
 
-How it talks to the kubelet (Device Plugin API v1beta1)
--------------------------------------------------------
-For every resource (kvm, tun, vhost-net, ...) the plugin:
-
-1. serves the ``v1beta1.DevicePlugin`` gRPC service on its own unix socket in
-   the kubelet's device-plugins directory (one server per resource, because a
+1. serves the ``v1beta1.DevicePlugin`` gRPC service on a unix socket of its
+   own in the kubelet's device-plugins directory (one server per resource: a
    ListAndWatch request does not say which resource it is for);
-2. then calls ``v1beta1.Registration/Register`` on ``kubelet.sock`` in that
-   directory, naming its socket file and resource. Since kubelet 1.25 the
-   kubelet dials the plugin back and calls GetDevicePluginOptions before
-   Register returns, which is why the server must already be running;
+2. then calls ``v1beta1.Registration/Register`` on ``kubelet.sock`` there.
+   Since kubelet 1.25 the kubelet dials back and calls GetDevicePluginOptions
+   before Register returns, so the server must already be running;
 3. answers the kubelet's ListAndWatch stream with the FULL device list, again
    after every health change (a device missing from a message is dropped);
 4. answers Allocate at pod admission with the device node to put into the
    container.
 
-When the kubelet restarts it deletes every socket in the directory and never
-dials a plugin again by itself: the plugin has to notice and register anew.
-That, and telling the truth about whether a device is really there, is most of
-this file.
-
-The file reads top to bottom: constants and the device table; device node
-checks; the file watcher; CDI spec files; the DevicePlugin servicer and its
-registration; the lifecycle loop; probes and metrics; the command line.
-Everything runs on one asyncio event loop (grpc.aio): streams, file watches,
-signals and timers, with no worker threads and no locks.
+A restarting kubelet deletes every socket in the directory and never dials a
+plugin again by itself: the plugin must notice and register anew. That, and
+telling the truth about whether a device is really there, is most of this
+file. It reads top to bottom: constants and the device table; device node
+checks; the file watcher; CDI spec files; the DevicePlugin service; the link
+to the kubelet; the lifecycle loop; probes and metrics; the command line. One
+asyncio event loop (grpc.aio) carries everything, with no worker threads and
+no locks.
 """
 
 from __future__ import annotations
@@ -957,6 +947,9 @@ class KubeletLink:
 
     # -- what the lifecycle loop and the probes ask -------------------------------
 
+    def registering(self) -> bool:
+        return self.registration is not None and not self.registration.done()
+
     def is_registered_with(self, kubelet: PinnedFile | None) -> bool:
         return (kubelet is not None and kubelet is self.kubelet and self.registered_at is not None
                 and self.kubelet_stream is not None and not self.kubelet_stream.ended.is_set())
@@ -966,7 +959,7 @@ class KubeletLink:
         reason = self.reason_to_register(kubelet)
         if reason is None or kubelet is None:
             return
-        if self.registration is not None and not self.registration.done():
+        if self.registration is not None and self.registering():
             # A Register to a kubelet that is going away can hang for its 10 s
             # dial-back; the new kubelet must not wait for that.
             self.registration.cancel()
@@ -991,8 +984,7 @@ class KubeletLink:
         if kubelet is not self.kubelet:
             return "not registered yet" if self.kubelet is None else "kubelet.sock was re-created"
         if self.registered_at is None:
-            under_way = self.registration is not None and not self.registration.done()
-            return None if under_way else "not registered yet"
+            return None if self.registering() else "not registered yet"
         if not self.socket_intact():
             return "plugin socket was deleted"
         if self.kubelet_stream is None:
@@ -1006,16 +998,12 @@ class KubeletLink:
         return self.socket is not None and self.socket.is_at(self.socket_path)
 
     def admit_stream(self, stream: ListAndWatchStream) -> bool:
-        """Mark the kubelet's stream; refuse another client's past the cap.
-
-        The kubelet's is the first ListAndWatch opened on the current server
-        after Register was sent. Nothing on the wire tells the kubelet from
-        another local client (no peer credentials reach a gRPC handler), so
-        this is a guess that errs on the safe side: should another client win
-        that race and drop its stream, the plugin registers once more. In case
-        the kubelet's came second, a few streams opened close to that one are
-        let in past the cap.
-        """
+        """The kubelet's stream is the first ListAndWatch on the current server
+        after Register was sent: no peer credentials reach a gRPC handler, so
+        this is a guess. It errs on the safe side (another client that wins
+        the race and drops its stream costs one more registration), and a few
+        streams opened close to it get past the cap of other clients' streams,
+        in case the kubelet's came second."""
         if self.awaiting_kubelet_stream and self.kubelet_stream is None:
             stream.from_kubelet = True
             self.kubelet_stream = stream
@@ -1026,14 +1014,13 @@ class KubeletLink:
         first = self.kubelet_stream
         if first is None or stream.opened_at - first.opened_at > KUBELET_STREAM_GRACE_S:
             return False
-        near = sum(s.opened_at - first.opened_at <= KUBELET_STREAM_GRACE_S for s in others)
+        near = sum(abs(s.opened_at - first.opened_at) <= KUBELET_STREAM_GRACE_S for s in others)
         return near < KUBELET_STREAM_GRACE_STREAMS
 
     async def liveness_problem(self) -> str | None:
         name = self.service.resource_name
-        registering = self.registration is not None and not self.registration.done()
         pending = time.monotonic() - self.registration_started
-        if registering and pending > REGISTRATION_OVERDUE_S:
+        if self.registering() and pending > REGISTRATION_OVERDUE_S:
             return f"{name}: registration under way for {pending:.0f} s"
         if len(self.servers_stopping) > MAX_SERVERS_STOPPING:
             return (f"{name}: {len(self.servers_stopping)} old gRPC servers cannot finish stopping "
@@ -1059,15 +1046,13 @@ class KubeletLink:
     async def restart_server(self) -> None:
         """Stop the old server, then serve afresh on the same path.
 
-        Two gRPC habits shape this. Stopping a server deletes the file at the
-        path it bound, possibly long after stop() was called (see stop_server);
-        and binding silently replaces a live socket. So each server binds a
-        name of its own and is renamed into place: however late an old server
-        finishes stopping, the file it deletes is not its successor's. The
-        name is random, so that no one can plant files at every name we might
-        use. Stopping first also ends the old ListAndWatch stream before the
-        new registration, as kubelets up to at least 1.36 need (the old
-        connection's end could tear down the new one).
+        A stopping gRPC server deletes the file at the path it bound, maybe
+        long after stop() (see stop_server), and binding replaces a live
+        socket. So each server binds a random name of its own (none that a
+        neighbour could plant a file at in advance) and is renamed into place.
+        Stopping first ends the old stream before the new registration, as
+        kubelets up to at least 1.36 need (the old connection's end could
+        tear down the new one).
         """
         await self.stop_server(grace=None)
         bind_path = f"{self.socket_path}.{os.urandom(3).hex()}"
@@ -1091,10 +1076,9 @@ class KubeletLink:
         self.take_socket_path(bind_path)
 
     def take_socket_path(self, bind_path: str) -> None:
-        """Rename the bound socket to our name, replacing whatever is there:
-        a stale socket of a killed run, a regular file, an empty directory (a
-        hostPath mount of a missing file creates one). A directory with
-        something in it is not ours to remove."""
+        """Rename the bound socket to our name over whatever is there: a killed
+        run's socket, a file, an empty directory (what a hostPath mount of a
+        missing file leaves). A directory with something in it is not ours."""
         try:
             try:
                 os.rename(bind_path, self.socket_path)
@@ -1105,23 +1089,20 @@ class KubeletLink:
             raise OSError(f"cannot put a socket at {self.socket_path}: {e.strerror}") from None
 
     async def stop_server(self, grace: float | None) -> None:
-        """Stop the current server; wait, within bounds, for what must end first.
+        """Stop the current server, waiting only for what must end first.
 
-        gRPC's stop() waits for every call to finish, and a call whose reader
-        stopped reading never does (its message waits on HTTP/2 flow control).
-        So the stop is waited for only so long: at shutdown (a `grace`), for
-        the grace the streams get to send their empty list; before a new
-        registration, until the kubelet's stream has ended. The rest finishes
-        in the background.
+        gRPC's stop() waits for every call, and a call whose reader stopped
+        reading never ends (HTTP/2 flow control). So we wait at shutdown for
+        the `grace` the streams get to send their empty list, and before a new
+        registration until the kubelet's stream has ended; the rest of the
+        stop finishes in the background.
         """
         server, self.server = self.server, None
         kubelet_stream, self.kubelet_stream = self.kubelet_stream, None
         self.awaiting_kubelet_stream = False
         socket_file, self.socket = self.socket, None
         if socket_file is not None:
-            # The server deletes only its bind path; the socket path is ours
-            # to remove, unless the file there is not the one we put there.
-            if socket_file.is_at(self.socket_path):
+            if socket_file.is_at(self.socket_path):  # the server deletes only its bind path
                 try:
                     os.unlink(self.socket_path)
                 except OSError as e:  # gone already, or a read-only directory: stop anyway
@@ -1151,9 +1132,7 @@ class KubeletLink:
             await asyncio.sleep(pause)
             while True:
                 if not kubelet.is_at(self.kubelet_socket):
-                    # That kubelet is gone; the lifecycle loop starts afresh
-                    # for the one there now.
-                    return
+                    return  # that kubelet is gone; the lifecycle loop serves the new one
                 unexpected: Exception | None = None
                 try:
                     if not served or not self.socket_intact():
