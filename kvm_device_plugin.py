@@ -146,6 +146,10 @@ HEALTHZ_REUSE_S = 1.0
 HTTP_REQUEST_TIMEOUT_S = 5.0
 HTTP_MAX_REQUEST_BYTES = 8192
 HTTP_MAX_CONNECTIONS = 32
+# Any client of a plugin socket can call Allocate as often as it likes: the
+# lines its calls cause are logged at most this often per resource, and the
+# rest are counted in one line a second.
+LOG_LINES_PER_S = 10
 # Device IDs and other peer-supplied text are cut to this many characters in
 # messages and logs: an error status must fit gRPC's metadata limit (8 KiB).
 MAX_QUOTED_CHARS = 64
@@ -616,6 +620,35 @@ def quoted(text: str) -> str:
     return f"{text[:MAX_QUOTED_CHARS]!r}... ({len(text)} characters)"
 
 
+class ThrottledLog:
+    """Log lines that a peer causes at its own pace (each Allocate call
+    causes one): at most LOG_LINES_PER_S a second; then one line a second
+    says how many were left out."""
+
+    def __init__(self, resource_name: str) -> None:
+        self.resource_name = resource_name
+        self.window_started = 0.0
+        self.logged = 0
+        self.left_out = 0
+
+    def __call__(self, level: int, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.window_started >= 1.0:
+            self.window_started, self.logged = now, 0
+        if self.logged < LOG_LINES_PER_S:
+            self.logged += 1
+            log.log(level, message, *args)
+            return
+        if not self.left_out:
+            asyncio.get_running_loop().call_later(1.0, self.report_left_out)
+        self.left_out += 1
+
+    def report_left_out(self) -> None:
+        log.warning("%s: %d more lines about Allocate calls left out in the last second (at most %d a "
+                    "second are logged)", self.resource_name, self.left_out, LOG_LINES_PER_S)
+        self.left_out = 0
+
+
 class ListAndWatchStream:
     """One open ListAndWatch call: woken on every health change, marked when it ends."""
 
@@ -652,8 +685,9 @@ class DeviceService(pb_grpc.DevicePluginServicer):
         # Set by the KubeletLink and the lifecycle loop.
         self.admit_stream: Callable[[ListAndWatchStream], bool] = lambda stream: True
         self.wake: Callable[[], None] = lambda: None
-        self.allocations = 0  # containers given the device
+        self.allocations = 0  # container requests answered, whoever asked
         self.allocation_errors = 0
+        self.log_call = ThrottledLog(resource_name)
 
     # -- health ---------------------------------------------------------------
 
@@ -745,12 +779,12 @@ class DeviceService(pb_grpc.DevicePluginServicer):
         refusal = self.allocation_refusal(request)
         if refusal is not None:
             self.allocation_errors += 1
-            log.warning("%s", refusal[1])
+            self.log_call(logging.WARNING, "%s", refusal[1])
             await context.abort(*refusal)
         self.allocations += len(request.container_requests)
         ids = [i for c in request.container_requests for i in c.devices_ids]
         shown = ",".join(ids[:8]) + (f",... ({len(ids)} IDs)" if len(ids) > 8 else "")
-        log.info("%s: allocated %s", self.resource_name, shown)
+        self.log_call(logging.INFO, "%s: allocated %s", self.resource_name, shown)
         answer = self.answer_with_cdi if self.cdi is not None and self.cdi.in_place() else self.answer
         return pb.AllocateResponse(container_responses=[answer] * len(request.container_requests))
 
@@ -805,7 +839,7 @@ class DeviceService(pb_grpc.DevicePluginServicer):
         except DecodeError:
             message = (f"{self.resource_name}: {len(raw)} request bytes do not decode "
                        f"as {request_type.DESCRIPTOR.name}")
-            log.warning("%s", message)
+            self.log_call(logging.WARNING, "%s", message)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
@@ -1208,6 +1242,87 @@ class KubeletLink:
 # ---------------------------------------------------------------------------
 
 
+# The name of the socket that says "an instance of this plugin serves here".
+INSTANCE_SOCKET = "kvm-device-plugin.sock"
+
+
+class InstanceSocket:
+    """Holds a listening socket at a fixed name in the plugin directory, the
+    proof that this is the one instance serving it.
+
+    Two instances on one directory would replace each other's sockets
+    silently. A flock on the directory would keep a second one out, but any
+    process that can read the directory (a pod with a read-only mount of it)
+    can hold a shared flock and keep every instance out; and a lock file would
+    not last, since kubelets up to 1.32 delete every file there when they
+    start. Making a socket takes write access; a live one accepts connections
+    while a killed run's leftover refuses them; and one that a kubelet
+    deleted is made again at the next reconcile.
+    """
+
+    def __init__(self, plugin_dir: str) -> None:
+        self.path = os.path.join(plugin_dir, INSTANCE_SOCKET)
+        self.listener: socket.socket | None = None
+        self.file: PinnedFile | None = None
+
+    def hold(self) -> bool:
+        """Hold the name, or False when another live instance holds it."""
+        if self.file is not None and self.file.is_at(self.path):
+            return True
+        self.release()
+        if self.other_instance_answers():
+            return False
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        bind_path = f"{self.path}.{os.urandom(3).hex()}"
+        try:
+            listener.bind(bind_path)
+            listener.listen(8)
+            self.file = PinnedFile.at(bind_path)
+            # rename() replaces a killed run's leftover in one step. Should two
+            # instances start together, the later rename wins, and the other
+            # sees at its next reconcile that the name answers for someone else.
+            os.rename(bind_path, self.path)
+        except OSError:
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(bind_path)
+            self.release()
+            return True  # cannot write here: registration will say why
+        asyncio.get_running_loop().add_reader(listener.fileno(), self.answer)
+        self.listener = listener
+        return True
+
+    def answer(self) -> None:
+        """Accept and close: being there is the whole answer."""
+        if self.listener is not None:
+            with contextlib.suppress(OSError):
+                self.listener.accept()[0].close()
+
+    def other_instance_answers(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(self.path)
+        except BlockingIOError:
+            return True  # its backlog is full: alive, and busy
+        except OSError:
+            return False  # nothing there, or a dead instance's leftover
+        finally:
+            probe.close()
+        return True
+
+    def release(self) -> None:
+        if self.listener is not None:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        if self.file is not None:
+            if self.file.is_at(self.path):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+            self.file.close()
+            self.file = None
+
+
 class Daemon:
     def __init__(self, links: list[KubeletLink], plugin_dir: str,
                  status_port: int | None = None, status_address: str | None = None) -> None:
@@ -1222,10 +1337,9 @@ class Daemon:
         self.woken = asyncio.Event()
         self.stop_requested = False
         self.exit_code = 0
-        self.lock_fd = -1
-        self.lock_identity: tuple[int, int] | None = None  # (device, inode) of the locked directory
+        self.instance = InstanceSocket(plugin_dir)
         self.loop_errors_seen: set[tuple] = set()
-        watched = [self.kubelet_socket]
+        watched = [self.kubelet_socket, self.instance.path]
         for link in links:
             watched += [link.socket_path, link.service.checker.node_path]
             if link.service.cdi is not None:
@@ -1304,6 +1418,7 @@ class Daemon:
                     await asyncio.wait_for(self.woken.wait(), timeout=self.poll_s)
         finally:
             await asyncio.gather(*(link.shutdown() for link in self.links))
+            self.instance.release()
             self.watcher.close()
             if self.status is not None:
                 await self.status.close()
@@ -1323,9 +1438,13 @@ class Daemon:
         if not os.path.isdir(self.plugin_dir):
             self.note_kubelet(None, f"{self.kubelet_socket} does not exist ({directory_problem(self.plugin_dir)})")
             return
-        if not self.hold_lock():
+        if not self.instance.hold():
+            log.error("another kvm-device-plugin is already serving %s (its %s answers); refusing to "
+                      "take over its sockets", self.plugin_dir, INSTANCE_SOCKET)
+            self.exit_code = 1
+            self.stop_requested = True
             return
-        # Only the instance holding the lock writes anything, CDI specs included.
+        # Only the one instance writes anything, CDI specs included.
         for link in self.links:
             if link.service.cdi is not None:
                 link.service.cdi.refresh()
@@ -1351,42 +1470,6 @@ class Daemon:
             log.info("kubelet appeared: %s", self.kubelet_socket)
         self.kubelet_seen = True
         self.waiting_logged = False
-
-    def hold_lock(self) -> bool:
-        """Hold an exclusive flock on the plugin directory while we run.
-
-        Two instances on one directory would replace each other's sockets
-        silently (binding a unix socket path replaces what is there), and a
-        check whether a socket answers races when both start together. The
-        lock is on the directory itself: the kubelet's directory holds no file
-        of ours but our sockets.
-        """
-        try:
-            st = os.stat(self.plugin_dir)
-        except OSError:
-            return False
-        # Device and inode only: a directory's ctime changes with every file
-        # created in it, and re-locking then would open a gap for a rival.
-        identity = (st.st_dev, st.st_ino)
-        if self.lock_fd >= 0 and identity == self.lock_identity:
-            return True
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)  # the directory was replaced: lock the new one
-            self.lock_fd = -1
-        fd = os.open(self.plugin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            log.error(
-                "another kvm-device-plugin is already serving %s (it holds the lock on the "
-                "directory); refusing to take over its sockets", self.plugin_dir,
-            )
-            self.exit_code = 1
-            self.stop_requested = True
-            return False
-        self.lock_fd, self.lock_identity = fd, identity
-        return True
 
 
 # ---------------------------------------------------------------------------
@@ -1508,9 +1591,10 @@ class StatusEndpoint:
              lambda link: link.registrations),
             ("reregistrations_total", "counter", "Registrations after the first (kubelet restarts, "
              "ended streams, deleted sockets).", lambda link: max(link.registrations - 1, 0)),
-            ("allocations_total", "counter", "Containers given the device.",
+            ("allocations_total", "counter", "Container requests answered with the device (by the "
+             "kubelet or any other client of the plugin's socket).",
              lambda link: link.service.allocations),
-            ("allocation_errors_total", "counter", "Allocate calls refused.",
+            ("allocation_errors_total", "counter", "Allocate calls refused (by anyone's request).",
              lambda link: link.service.allocation_errors),
         ]
         lines = []
