@@ -991,6 +991,12 @@ class KubeletLink:
     def reconcile(self, kubelet: PinnedFile | None) -> None:
         """Register with `kubelet` (the kubelet.sock there now) unless done or under way."""
         reason = self.reason_to_register(kubelet)
+        if kubelet is None and not self.registering() and not self.socket_intact():
+            # No kubelet.sock: a kubelet starting (it deleted every socket) or
+            # not there yet. A fresh server now leaves only Register to do
+            # when it listens: it admits the pods it has ~100 ms later, and a
+            # resource whose first list has not arrived by then fails them.
+            self.registration = asyncio.create_task(self._serve_ahead())
         if reason is None or kubelet is None:
             return
         if self.registration is not None and self.registering():
@@ -1152,16 +1158,26 @@ class KubeletLink:
         if grace is not None:
             await asyncio.wait([stopping], timeout=grace + STOP_TIMEOUT_S)
         elif kubelet_stream is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(kubelet_stream.ended.wait(), STOP_TIMEOUT_S)
+            # Not wait_for(): before Python 3.12 it can swallow a cancellation
+            # that comes as the stream ends, and a cancelled registration would
+            # then go on beside its successor, on the same server.
+            ended = asyncio.ensure_future(kubelet_stream.ended.wait())
+            try:
+                await asyncio.wait([ended], timeout=STOP_TIMEOUT_S)
+            finally:
+                ended.cancel()
 
     # -- registration -------------------------------------------------------------------
+
+    async def _serve_ahead(self) -> None:
+        with contextlib.suppress(OSError, RuntimeError):  # registering will try again and say why
+            await self.restart_server()
 
     async def _register(self, kubelet: PinnedFile, pause: float) -> None:
         name = self.service.resource_name
         delay = RETRY_FIRST_S
         logged_cause = ""
-        served = False
+        served = self.socket_intact() and not self.awaiting_kubelet_stream  # no Register sent on it yet
         try:
             await asyncio.sleep(pause)
             while True:
