@@ -40,7 +40,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -118,7 +119,7 @@ class SharedTargets:
     when missing, and removed (if still empty) by the last run that leaves."""
 
     def __init__(self) -> None:
-        self.lock = open(SHARED_LOCK, "a")
+        self.lock = open(SHARED_LOCK, "a")  # noqa: SIM115 (held open: the lock lives as long as the run)
         fcntl.flock(self.lock, fcntl.LOCK_EX)
         try:
             made = []
@@ -624,10 +625,11 @@ def bench_main(binary: str, quick: bool) -> int:
             kubelet.wait_pod(name, running, "running")
             figures["kvm_pod_manifest_to_running_ms"].append(round((time.monotonic() - written) * 1000, 1))
             kubelet.remove_pod(name)
-            wait_for(f"pod {name} gone", lambda: kubelet.pod(name) is None)
+            wait_for(f"pod {name} gone", lambda gone=name: kubelet.pod(gone) is None)
     finally:
         node.stop()
-    version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout.strip()
     print(f"{version}: the plugin under a real kubelet, {runs} runs each (ms)")
     print(f"{'figure':<36} {'median':>8} {'min':>8} {'max':>8}  runs")
     results: dict[str, Any] = {}

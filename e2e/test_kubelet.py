@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,8 @@ def kubelet_of(node: kh.Node) -> kh.Kubelet:
 
 
 def kubelet_minor(node: kh.Node) -> int:
-    version = subprocess.run([node.binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run([node.binary, "--version"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
     found = re.search(r"v1\.(\d+)\.", version)
     assert found, version
     return int(found[1])
@@ -76,9 +78,12 @@ def kubelet_minor(node: kh.Node) -> int:
 def probe_lines(kubelet: kh.Kubelet, name: str) -> list[str]:
     """The pod's container log once the probe has finished (the script says so)."""
     pod = kubelet.wait_pod(name, kh.running, "running")
-    return kh.wait_for(f"pod {name}'s probe to finish",
-                       lambda: (lambda lines: lines if any(line.startswith("probe exit") for line in lines)
-                                else None)(kubelet.container_log(pod, "vmm")))
+
+    def finished() -> list[str] | None:
+        lines = kubelet.container_log(pod, "vmm")
+        return lines if any(line.startswith("probe exit") for line in lines) else None
+
+    return kh.wait_for(f"pod {name}'s probe to finish", finished)
 
 
 def run_vmm(kubelet: kh.Kubelet, name: str) -> tuple[dict[str, Any], list[str]]:
@@ -186,7 +191,8 @@ def test_a_pod_without_a_device_request_has_neither_node(node):
     assert lines[:2] == ["open: FAILED open /dev/kvm: errno 2 (No such file or directory)",
                          "open: FAILED open /dev/net/tun: errno 2 (No such file or directory)"], lines
     pod = kubelet.pod("bare")
-    assert pod is not None and kubelet.pod_devices().get((pod["metadata"]["name"], "bare")) is None
+    assert pod is not None and not kubelet.pod_devices().get((pod["metadata"]["name"], "vmm")), \
+        kubelet.pod_devices()
 
 
 def test_sigterm_to_the_plugin_empties_the_kubelets_list_and_leaves_its_files(node):
@@ -197,8 +203,12 @@ def test_sigterm_to_the_plugin_empties_the_kubelets_list_and_leaves_its_files(no
     kubelet = kubelet_of(node)
     assert node.stop_plugin() == 0, node.plugin_log()[-2000:]
     kh.wait_for("allocatable without kvm and tun", lambda: kubelet.without(KVM) and kubelet.without(TUN))
-    kh.wait_for("the checkpoint without kvm and tun devices",
-                lambda: not (lambda r: r.get(KVM) or r.get(TUN))(kubelet.registered_devices()))
+
+    def dropped() -> bool:
+        registered = kubelet.registered_devices()
+        return not registered.get(KVM) and not registered.get(TUN)
+
+    kh.wait_for("the checkpoint without kvm and tun devices", dropped)
     assert sorted(os.listdir(kubelet.plugin_dir)) == ["kubelet.sock", "kubelet_internal_checkpoint"]
 
 
