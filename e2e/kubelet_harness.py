@@ -48,7 +48,7 @@ import grpc
 import podresources_pb2 as podres
 import podresources_pb2_grpc as podres_grpc
 import runtime_harness as rh
-from fake_kubelet import DEVICE_NODES, free_port, make_device_nodes
+from fake_kubelet import DEVICE_NODES, free_port, make_device_nodes, mknod
 
 KUBELET_ENV = "KDP_KUBELET"  # the kubelet binary to run
 REQUIRE_ENV = "KDP_REQUIRE_KUBELET"  # 1: a missing binary or /dev/kvm fails instead of skipping
@@ -613,11 +613,14 @@ def bench_main(binary: str, quick: bool) -> int:
             node.wait_registered()
             figures["kubelet_restart_to_registered_ms"].append(round((time.monotonic() - seen) * 1000, 1))
             # The node unlinked -> the kubelet's allocatable kvm 0; re-created after.
+            # First a pause that refills the pod-resources rate limiter's burst
+            # (10 calls, 100 per second), so that the polling below is not refused.
+            time.sleep(0.2)
             os.unlink(node.kvm_node())
             gone = time.monotonic()
             wait_for("allocatable kvm 0", lambda: kubelet.without(resource("kvm")), every=0)
             figures["unlink_to_kubelet_allocatable_0_ms"].append(round((time.monotonic() - gone) * 1000, 2))
-            make_device_nodes(node.host_root)
+            mknod(node.kvm_node(), DEVICE_NODES["kvm"][1])
             node.wait_allocatable(COUNT)
             # A manifest written -> its container running in /pods.
             name = f"bench-{run}"
