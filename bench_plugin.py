@@ -59,7 +59,11 @@ rss_growth_mb_1000_restarts  VmRSS after 1000 kubelet restarts back to back
 Every plugin here runs with DEPLOYED_ENV, the environment the DaemonSet and the
 image set. --soak SECONDS runs instead one plugin under a steady mixed load and
 reports its RSS slope (see soak()); with --tracemalloc, what grew, by traceback,
-goes to soak-tracemalloc.txt.
+goes to soak-tracemalloc.txt. --runtime measures instead daemonset.yaml's pod
+started in a private containerd (e2e/runtime_harness.py); --kubelet PATH the
+plugin under that real kubelet binary (e2e/kubelet_harness.py, figures in
+docs/real-kubelet.md): kubelet_restart_to_registered_ms,
+unlink_to_kubelet_allocatable_0_ms, kvm_pod_manifest_to_running_ms.
 
 Nothing is asserted: a table, then as the last line one JSON object. Every
 process and directory made is removed even on error; every wait is bounded.
