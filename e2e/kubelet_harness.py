@@ -28,7 +28,6 @@ Nothing here asserts: test_kubelet.py and bench_plugin.py --kubelet use it.
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import json
 import os
@@ -368,7 +367,6 @@ class Kubelet:
             # Since 1.20 a map of NUMA node -> IDs; before, a plain list.
             flat = [i for group in ids.values() for i in group] if isinstance(ids, dict) else list(ids)
             found.setdefault((entry["PodUID"], entry["ContainerName"]), {})[entry["ResourceName"]] = flat
-            base64.b64decode(entry.get("AllocResp") or "")  # it is there, and well formed
         return found
 
     def registered_devices(self) -> dict[str, list[str]]:
@@ -484,10 +482,22 @@ class Node:
         self.wait_registered()
 
     def wait_registered(self) -> None:
+        """Every resource registered in this kubelet process's log, and 110 kvm
+        and tun allocatable; a timeout says what both logs said."""
         assert self.kubelet is not None
-        wait_for("the kubelet's registrations of " + ", ".join(DEVICES),
-                 lambda: self.kubelet.registered() >= {resource(n) for n in DEVICES})
-        self.wait_allocatable(COUNT)
+        kubelet = self.kubelet
+
+        def registered() -> bool:
+            if self.plugin is not None and self.plugin.poll() is not None:
+                raise RuntimeError(f"the plugin exited {self.plugin.returncode}:\n{self.plugin_log()[-3000:]}")
+            return kubelet.registered() >= {resource(n) for n in DEVICES}
+
+        try:
+            wait_for("the kubelet's registrations of " + ", ".join(DEVICES), registered)
+            self.wait_allocatable(COUNT)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\nplugin log:\n{self.plugin_log()[-3000:]}\n"
+                               f"kubelet log:\n{kubelet.log()[-3000:]}") from None
 
     def wait_allocatable(self, count: int, names: tuple[str, ...] = ("kvm", "tun")) -> dict[str, list[str]]:
         assert self.kubelet is not None
