@@ -59,7 +59,11 @@ rss_growth_mb_1000_restarts  VmRSS after 1000 kubelet restarts back to back
 Every plugin here runs with DEPLOYED_ENV, the environment the DaemonSet and the
 image set. --soak SECONDS runs instead one plugin under a steady mixed load and
 reports its RSS slope (see soak()); with --tracemalloc, what grew, by traceback,
-goes to soak-tracemalloc.txt.
+goes to soak-tracemalloc.txt. --runtime measures instead daemonset.yaml's pod
+started in a private containerd (e2e/runtime_harness.py); --kubelet PATH the
+plugin under that real kubelet binary (e2e/kubelet_harness.py, figures in
+docs/real-kubelet.md): kubelet_restart_to_registered_ms,
+unlink_to_kubelet_allocatable_0_ms, kvm_pod_manifest_to_running_ms.
 
 Nothing is asserted: a table, then as the last line one JSON object. Every
 process and directory made is removed even on error; every wait is bounded.
@@ -560,13 +564,20 @@ def main() -> int:
     parser.add_argument("--tracemalloc", action="store_true",
                         help="with --soak: trace the plugin's allocations, the growth into soak-tracemalloc.txt")
     parser.add_argument("--runtime", action="store_true",
-                        help="instead: daemonset.yaml's pod started in a private containerd (runtime_harness.py)")
+                        help="instead: daemonset.yaml's pod started in a private containerd (e2e/runtime_harness.py)")
+    parser.add_argument("--kubelet", metavar="PATH",
+                        help="instead: the plugin under this real kubelet binary (e2e/kubelet_harness.py)")
     args = parser.parse_args()
     # SIGTERM would otherwise skip the finally blocks that remove processes and dirs.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.runtime or args.kubelet:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e"))
     if args.runtime:
         import runtime_harness
         return runtime_harness.bench_main(args.quick)
+    if args.kubelet:
+        import kubelet_harness
+        return kubelet_harness.bench_main(args.kubelet, args.quick)
     # The status flood holds FLOOD_CONNECTIONS sockets open at once.
     import resource as limits
     soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)

@@ -17,8 +17,8 @@ the way the kubelet drives it.
 - security_context(), container_config(): a pod manifest's container -> CRI
   config, as kuberuntime does for the fields the manifests here use.
 
-Nothing here asserts; the tests (test_runtime.py) and bench_plugin.py --runtime
-use it.
+Nothing here asserts; the tests (test_runtime.py, test_runtime_daemonset.py,
+test_kubelet.py) and bench_plugin.py --runtime and --kubelet use it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ import cri_runtime_pb2 as cri
 import cri_runtime_pb2_grpc as cri_grpc
 import deviceplugin_pb2 as dp
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # e2e/
+PROJECT = os.path.dirname(HERE)  # the plugin, daemonset.yaml, Dockerfile
 PROBE_SOURCE = os.path.join(HERE, "testdata", "vmm_probe.c")
 CNI_PLUGIN = os.path.join(HERE, "testdata", "cni-kdp-pod-net")
 IMAGE = "docker.io/library/kdp-runtime-test:1"
@@ -86,9 +87,10 @@ def _is_static_elf(path: str) -> bool:
     return all(struct.unpack_from("<I", table, i * phentsize)[0] != 3 for i in range(phnum))
 
 
-def require_runtime() -> None:
+def require_runtime(kvm: bool = True) -> None:
     """Skip (or, with KDP_REQUIRE_RUNTIME=1, fail) the calling test with one
-    line when the runtime tests cannot run here."""
+    line when the runtime tests cannot run here. `kvm`: the test also needs
+    /dev/kvm (that skip stays a skip: no machine can be made to have it)."""
     import pytest
 
     missing = missing_requirement()
@@ -96,6 +98,13 @@ def require_runtime() -> None:
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"{missing} ({REQUIRE_ENV}=1 makes the runtime tests mandatory)")
         pytest.skip(missing)
+    if kvm:
+        require_kvm()
+
+
+def require_kvm() -> None:
+    import pytest
+
     if not os.path.exists("/dev/kvm"):
         pytest.skip("this machine has no /dev/kvm (no hardware virtualisation exposed)")
 
@@ -784,9 +793,9 @@ class NodePlugin:
         self.kubelet.start()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "kvm_device_plugin.py"), "--plugin-dir", self.plugin_dir,
+                [sys.executable, os.path.join(PROJECT, "kvm_device_plugin.py"), "--plugin-dir", self.plugin_dir,
                  "--host-root", "/", "--count", str(self.count)],
-                stdout=log, stderr=log, cwd=HERE,
+                stdout=log, stderr=log, cwd=PROJECT,
             )
         if not self.kubelet.wait_registered([self.resource(n) for n in self.DEVICES], self.count, timeout=WAIT_S):
             raise RuntimeError(f"the plugin did not register:\n{self.log()}")
@@ -817,8 +826,8 @@ class NodePlugin:
 # The DaemonSet's pod, from daemonset.yaml, as the kubelet would run it
 # ---------------------------------------------------------------------------
 
-DAEMONSET_YAML = os.path.join(HERE, "daemonset.yaml")
-DOCKERFILE = os.path.join(HERE, "Dockerfile")
+DAEMONSET_YAML = os.path.join(PROJECT, "daemonset.yaml")
+DOCKERFILE = os.path.join(PROJECT, "Dockerfile")
 KUBELET_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 APP_DIR = "/app"  # where the Dockerfile puts the project
 # The kubelet's oom_score_adj for a pod of priority system-node-critical (and
@@ -932,7 +941,7 @@ def daemonset_container_config(daemonset: dict[str, Any], plugin_dir: str,
                                 propagation=cri.PROPAGATION_PRIVATE))
     python_mounts, path_env = host_python_mounts()
     # The project at /app, as the Dockerfile copies it there.
-    mounts += python_mounts + [cri.Mount(container_path=APP_DIR, host_path=HERE, readonly=True)]
+    mounts += python_mounts + [cri.Mount(container_path=APP_DIR, host_path=PROJECT, readonly=True)]
 
     env = {**dockerfile_env(), "PATH": path_env}
     for item in container.get("env", []):

@@ -30,7 +30,6 @@ import yaml
 import cri_runtime_pb2 as cri
 import runtime_harness as rh
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 UID = 1000  # the non-root consumer's uid and gid
 
 # The non-root consumer of issue 12, in the Kubernetes API's words: uid/gid
@@ -156,7 +155,7 @@ def owner_and_mode(lines: list[str], path: str) -> tuple[str, int, int]:
 
 def readme_consumer() -> dict[str, Any]:
     """The container of examples/consumer-pod.yaml (the README's consumer)."""
-    with open(os.path.join(HERE, "examples", "consumer-pod.yaml")) as f:
+    with open(os.path.join(rh.PROJECT, "examples", "consumer-pod.yaml")) as f:
         return yaml.safe_load(f)["spec"]["containers"][0]
 
 
