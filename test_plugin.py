@@ -8,7 +8,6 @@ wait is bounded; no test asserts a speed (that is bench_plugin.py's job).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -51,6 +50,12 @@ def resource(name: str) -> str:
 def misc_minors() -> set[int]:
     with open("/proc/misc") as f:
         return {int(line.split()[0]) for line in f if line.strip()}
+
+
+def expected_permissions() -> str:
+    """What --permissions auto must give on this machine: rwm on a cgroup v2
+    host (older runc's eBPF device filter wants "m" there too), rw on v1."""
+    return "rwm" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "rw"
 
 
 def expected_health(name: str) -> str:
@@ -203,7 +208,8 @@ def test_register_request_carries_the_same_options(env):
     assert env.kubelet.wait_registered([resource("kvm")], 2), plugin.log()
     state = env.kubelet.state(resource("kvm"))
     assert state.options_calls == 0
-    assert state.options == kdp.PLUGIN_OPTIONS
+    assert state.options == pb.DevicePluginOptions(pre_start_required=False,
+                                                   get_preferred_allocation_available=False)
 
 
 def test_devices_flag_selects_resources_and_domain_is_used(env):
@@ -228,11 +234,10 @@ def test_waits_for_a_missing_kubelet_and_says_where(env):
     plugin.wait_log(re.escape(f"waiting for the kubelet: {env.plugin_dir}/kubelet.sock does not exist"
                               " (nor does its directory, yet)"))
     os.makedirs(env.plugin_dir)  # a wake-up, still no kubelet: nothing more to say
-    time.sleep(0.3)
-    assert plugin.log().count("waiting for the kubelet") == 1
-    env.kubelet.start()
+    env.kubelet.start()  # the next thing to say, after any other
     assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 2), plugin.log()
     plugin.wait_log(r"kubelet appeared")
+    assert plugin.log().count("waiting for the kubelet") == 1
 
 
 # ---------------------------------------------------------------------------
@@ -271,7 +276,7 @@ def test_allocate_one_container_gets_the_node_path_not_the_host_root(running):
     assert len(response.container_responses) == 1
     (spec,) = response.container_responses[0].devices
     assert spec.host_path == spec.container_path == "/dev/net/tun"
-    assert spec.permissions == kdp.resolve_permissions("auto")
+    assert spec.permissions == expected_permissions()
     running.plugin.wait_log(r"devices\.kubevirt\.io/tun: allocated tun1")
 
 
@@ -962,7 +967,7 @@ def test_a_pre_cdi_kubelet_parses_every_answer_and_gets_the_device_spec(env):
     assert set(state.devices.values()) == {expected_health("kvm")}
     response = env.kubelet.allocate(resource("kvm"), [["kvm0"], ["kvm1", "kvm2"]])
     assert [[(d.host_path, d.container_path, d.permissions) for d in c.devices]
-            for c in response.container_responses] == [[("/dev/kvm", "/dev/kvm", kdp.resolve_permissions("auto"))]] * 2
+            for c in response.container_responses] == [[("/dev/kvm", "/dev/kvm", expected_permissions())]] * 2
     assert unknown_fields(response) == ["container_responses.5"]  # cdi_devices, ignored
     assert not hasattr(env.kubelet.stub(resource("kvm")), "GetPreferredAllocation")
     env.kubelet.restart()
@@ -1264,21 +1269,6 @@ def test_liveness_does_not_flap_through_kubelet_restarts(served):
     assert answers == [200] * len(answers)
 
 
-def test_a_registration_under_way_for_too_long_fails_liveness():
-    plugin = kdp.DevicePlugin(kdp.DEVICE_TABLE["kvm"], resource("kvm"), 1, "rw", "/nonexistent", "/")
-
-    class Pending:
-        @staticmethod
-        def done() -> bool:
-            return False
-    assert plugin.registration_overdue() is None  # no registration at all
-    plugin.registration = Pending()
-    plugin.registration_started = time.monotonic() - kdp.REGISTRATION_OVERDUE_S / 2
-    assert plugin.registration_overdue() is None
-    plugin.registration_started = time.monotonic() - kdp.REGISTRATION_OVERDUE_S - 1
-    assert plugin.registration_overdue() > kdp.REGISTRATION_OVERDUE_S
-
-
 def test_a_flood_from_one_address_does_not_drop_another_addresss_request(env):
     env.kubelet.start()
     port = free_port()
@@ -1304,26 +1294,19 @@ def test_a_flood_from_one_address_does_not_drop_another_addresss_request(env):
 
 
 def test_a_stop_request_during_startup_exits_0(env):
-    plugin = env.start_plugin("--count", "2")
-    pid = plugin.proc.pid
+    for _ in range(5):
+        plugin = env.start_plugin("--count", "2")
+        status = f"/proc/{plugin.proc.pid}/status"
 
-    def catches_sigterm() -> bool:  # the early handlers are in place
-        with open(f"/proc/{pid}/status") as f:
-            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
-        return bool(caught & (1 << (signal.SIGTERM - 1)))
-    assert settles(catches_sigterm)
-    plugin.proc.send_signal(signal.SIGTERM)  # during the imports, most likely
-    assert plugin.proc.wait(WAIT_S) == 0, plugin.log()
-
-
-def test_old_servers_that_cannot_finish_stopping_fail_liveness():
-    async def verdict(stuck: int) -> list[str]:
-        plugin = kdp.DevicePlugin(kdp.DEVICE_TABLE["kvm"], resource("kvm"), 1, "rw", "/nonexistent", "/")
-        daemon = kdp.Daemon([plugin], "/nonexistent")
-        loop = asyncio.get_running_loop()
-        plugin.servers_stopping = {loop.create_future() for _ in range(stuck)}
-        return await daemon.not_alive()
-    assert asyncio.run(verdict(kdp.MAX_SERVERS_STOPPING)) == []
-    assert asyncio.run(verdict(kdp.MAX_SERVERS_STOPPING + 1)) == [
-        f"{resource('kvm')}: {kdp.MAX_SERVERS_STOPPING + 1} old gRPC servers cannot finish stopping "
-        "(clients that stopped reading hold them)"]
+        def catches_sigterm() -> bool:  # the early handlers are in place
+            with open(status) as f:
+                caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+            return bool(caught & (1 << (signal.SIGTERM - 1)))
+        deadline = time.monotonic() + WAIT_S
+        while not catches_sigterm() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        plugin.proc.send_signal(signal.SIGTERM)
+        assert plugin.proc.wait(WAIT_S) == 0, plugin.log()
+        # The request came while it was still importing: before the event
+        # loop took the signals over, which it logs "serving" just before.
+        assert "serving" not in plugin.log(), plugin.log()
