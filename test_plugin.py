@@ -8,6 +8,7 @@ wait is bounded; no test asserts a speed (that is bench_plugin.py's job).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -1298,7 +1299,7 @@ def test_a_stop_request_during_startup_exits_0(env):
         plugin = env.start_plugin("--count", "2")
         status = f"/proc/{plugin.proc.pid}/status"
 
-        def catches_sigterm() -> bool:  # the early handlers are in place
+        def catches_sigterm(status: str = status) -> bool:  # the early handlers are in place
             with open(status) as f:
                 caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
             return bool(caught & (1 << (signal.SIGTERM - 1)))
@@ -1310,3 +1311,331 @@ def test_a_stop_request_during_startup_exits_0(env):
         # The request came while it was still importing: before the event
         # loop took the signals over, which it logs "serving" just before.
         assert "serving" not in plugin.log(), plugin.log()
+
+
+# ---------------------------------------------------------------------------
+# Liveness and readiness, seen over HTTP
+# ---------------------------------------------------------------------------
+
+
+def test_liveness_fails_once_a_registration_has_been_under_way_too_long(env):
+    # A Register that never returns keeps the registration under way. 60 s is
+    # the plugin's limit; KDP_REGISTRATION_OVERDUE_S shortens it for tests.
+    kubelet = FakeKubelet(env.plugin_dir, register_delay_s=60)
+    env.kubelet = kubelet
+    kubelet.start()
+    port = free_port()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm", "--metrics-port", str(port),
+                              env={"KDP_REGISTRATION_OVERDUE_S": "1"})
+    try:
+        assert kubelet.wait_for(lambda: kubelet.register_calls >= 1, WAIT_S), plugin.log()
+        assert settles(lambda: http_get(port, "/healthz")[0] == 503), plugin.log()
+        assert re.fullmatch(r"devices\.kubevirt\.io/kvm: registration under way for \d+ s\n",
+                            http_get(port, "/healthz")[1])
+    finally:
+        kubelet.release.set()
+
+
+def http2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def open_stalled_stream(socket_path: str) -> socket.socket:
+    """A ListAndWatch call whose client never reads a byte of the answer.
+
+    Spoken as raw HTTP/2 (one call costs no process, unlike
+    start_stalled_reader): the client grants the server a 2 GiB window, so the
+    first device list goes straight into the connection's socket buffer,
+    which a tiny receive buffer and no reader keep full. Returns once the
+    server has answered the call's headers, i.e. the call is being served.
+    """
+    def header(name: str, value: str) -> bytes:  # HPACK: literal, not indexed, no Huffman
+        return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+    headers = b"".join(header(n, v) for n, v in [
+        (":method", "POST"), (":scheme", "http"), (":path", "/v1beta1.DevicePlugin/ListAndWatch"),
+        (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
+    window = 2**31 - 1
+    conn = socket.socket(socket.AF_UNIX)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.settimeout(WAIT_S)
+    conn.connect(socket_path)
+    conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                 + http2_frame(4, 0, 0, (4).to_bytes(2, "big") + window.to_bytes(4, "big"))  # SETTINGS
+                 + http2_frame(8, 0, 0, (window - 65535).to_bytes(4, "big"))  # WINDOW_UPDATE
+                 + http2_frame(4, 1, 0)  # SETTINGS ACK
+                 + http2_frame(1, 4, 1, headers)  # HEADERS, END_HEADERS
+                 + http2_frame(0, 1, 1, b"\0\0\0\0\0"))  # DATA: an empty Empty, END_STREAM
+    received = b""
+    while True:
+        chunk = conn.recv(65536)
+        assert chunk, "the plugin closed the stalled stream's connection"
+        received += chunk
+        while len(received) >= 9 and len(received) >= 9 + int.from_bytes(received[:3], "big"):
+            if received[3] == 1 and int.from_bytes(received[5:9], "big") == 1:  # its HEADERS
+                return conn
+            received = received[9 + int.from_bytes(received[:3], "big"):]
+
+
+def test_liveness_fails_past_eight_old_servers_that_cannot_finish_stopping(env):
+    # Each stalled client holds one old server from finishing its stop (and
+    # its memory for as long as it lives); past 8 of them only a restart of
+    # the pod frees them. 20000 devices: one list overfills the socket buffer.
+    env.kubelet.start()
+    port = free_port()
+    plugin = env.start_plugin("--count", "20000", "--devices", "kvm", "--metrics-port", str(port))
+    assert env.kubelet.wait_registered([resource("kvm")], 20000), plugin.log()
+    stalled = []
+    try:
+        for restart in range(1, 10):
+            stalled.append(open_stalled_stream(plugin_socket(env, "kvm")))
+            env.kubelet.restart()
+            assert env.kubelet.wait_registered([resource("kvm")], 20000, min_registrations=1 + restart)
+        assert settles(lambda: http_get(port, "/healthz")[0] == 503), http_get(port, "/healthz")
+        assert http_get(port, "/healthz")[1] == (
+            "devices.kubevirt.io/kvm: 9 old gRPC servers cannot finish stopping "
+            "(clients that stopped reading hold them)\n")
+    finally:
+        for conn in stalled:
+            conn.close()
+
+
+def test_readiness_and_the_registered_metric_need_the_kubelets_stream(env):
+    env.kubelet = FakeKubelet(env.plugin_dir, stream_limit=0)  # takes Register, opens no stream
+    env.kubelet.start()
+    port = free_port()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm", "--metrics-port", str(port))
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: registered with the kubelet")
+    assert http_get(port, "/readyz") == (503, "devices.kubevirt.io/kvm: not registered with a stream open\n")
+    values = metric_values(http_get(port, "/metrics")[1])
+    assert values["registrations_total", resource("kvm")] == 1
+    assert values["registered", resource("kvm")] == 0
+
+
+def test_a_kubelet_that_opens_no_stream_is_registered_with_again(env):
+    # Takes 10 s: the kubelet opens its stream right after Register, and the
+    # plugin gives it that long before it calls the registration lost.
+    env.kubelet = FakeKubelet(env.plugin_dir, stream_limit=0)
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm")
+    assert env.kubelet.wait_for(lambda: env.kubelet.register_calls == 2, 10 + WAIT_S), plugin.log()
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: registering again: "
+                    r"kubelet opened no ListAndWatch stream within 10 s")
+
+
+# ---------------------------------------------------------------------------
+# Registration pacing: a kubelet that refuses is asked again, never at full speed
+# ---------------------------------------------------------------------------
+
+
+def register_gaps(kubelet: FakeKubelet) -> list[float]:
+    with kubelet.cond:
+        times = list(kubelet.register_times)
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
+
+
+def test_register_carries_a_deadline_longer_than_the_kubelets_dial_back(running):
+    # The kubelet dials the plugin back for up to 10 s before Register returns
+    # (and from 1.35 within the plugin's own deadline); a Register without a
+    # deadline would wait forever for a kubelet that went away.
+    deadlines = running.kubelet.register_deadlines
+    assert len(deadlines) == len(DEFAULT) and None not in deadlines, deadlines
+    assert all(10 < deadline <= 30 for deadline in deadlines), deadlines
+
+
+def test_a_kubelet_rejecting_registration_is_retried_with_growing_pauses(env):
+    kubelet = FakeKubelet(env.plugin_dir, reject_with="no room for device plugins")
+    env.kubelet = kubelet
+    kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm")
+    # Pauses of 1, 2, 4 ... ms, then at most 1 s: the 11th attempt comes after
+    # 0.5 s, at full speed it would come within milliseconds.
+    assert kubelet.wait_for(lambda: kubelet.register_calls >= 11, WAIT_S), plugin.log()
+    gaps = register_gaps(kubelet)[:10]
+    assert gaps[9] >= 0.25 and gaps == sorted(gaps[:1]) + gaps[1:], gaps
+    assert sum(gaps) >= 0.5, gaps
+    assert plugin.log().count("registration with") == 1, plugin.log()
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: registration with \S+ failed "
+                    r"\(UNKNOWN: no room for device plugins\); retrying every 1 s at most")
+
+
+def test_a_kubelet_ending_every_stream_at_once_is_not_registered_with_at_full_speed(env):
+    kubelet = FakeKubelet(env.plugin_dir, stream_limit=1)  # reads one list, then ends the stream
+    env.kubelet = kubelet
+    kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm")
+    assert kubelet.wait_for(lambda: kubelet.register_calls >= 3, WAIT_S), plugin.log()
+    # A pause of 1 s before each new attempt; at full speed, milliseconds.
+    assert all(gap >= 0.5 for gap in register_gaps(kubelet)[:2]), register_gaps(kubelet)
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: registering again: kubelet ended the ListAndWatch stream")
+
+
+def test_the_kubelets_stream_is_served_after_other_clients_opened_next_to_it(env):
+    # Another client opens ListAndWatch while Register is under way, so it is
+    # taken for the kubelet's; then four more; the kubelet's stream, coming
+    # last, must still be served, though other clients are capped at four.
+    kubelet = FakeKubelet(env.plugin_dir, register_delay_s=60)
+    env.kubelet = kubelet
+    kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm")
+    try:
+        assert kubelet.wait_for(lambda: kubelet.register_calls >= 1, WAIT_S), plugin.log()
+        with grpc.insecure_channel(f"unix://{plugin_socket(env, 'kvm')}") as channel:
+            stub = pb_grpc.DevicePluginStub(channel)
+            others = [stub.ListAndWatch(pb.Empty()) for _ in range(5)]
+            for stream in others:
+                assert len(next(stream).devices) == 2
+            kubelet.release.set()  # Register returns, the kubelet opens its stream
+            assert kubelet.wait_registered([resource("kvm")], 2), plugin.log()
+            for stream in others:
+                stream.cancel()
+    finally:
+        kubelet.release.set()
+
+
+# ---------------------------------------------------------------------------
+# The status port: bounded in connections, time and bytes; GET only
+# ---------------------------------------------------------------------------
+
+
+def still_open(conn: socket.socket) -> bool:
+    """True while the plugin has neither closed nor answered `conn`."""
+    conn.setblocking(False)
+    try:
+        conn.recv(1)  # b"": closed; anything else: an answer
+        return False
+    except BlockingIOError:
+        return True
+    except ConnectionResetError:
+        return False
+    finally:
+        conn.setblocking(True)
+
+
+def closed_by_peer(conn: socket.socket, timeout: float = WAIT_S) -> bool:
+    conn.settimeout(timeout)
+    try:
+        return conn.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_status_connections_are_dropped_past_the_cap_and_after_a_timeout(served):
+    port = served.port
+    # The clock: one idle connection from another address, opened first. The
+    # plugin times out every unfinished request after the same few seconds.
+    clock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+    clock.sendall(b"GET /metrics HTTP/1.1\r\n")
+    flood = []
+    try:
+        # 32 may wait in all: the clock and 31 of these; the oldest 9 of the
+        # busiest address go.
+        for _ in range(40):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")
+            flood.append(conn)
+        # Dropped for the cap before any timeout: the clock, older, is still open.
+        assert all(closed_by_peer(conn) for conn in flood[:9])
+        assert still_open(clock) and all(still_open(conn) for conn in flood[9:])
+        # A line past 8 KiB is dropped as soon as it is, not when it ends.
+        overlong = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.3", 0))
+        flood.append(overlong)
+        overlong.sendall(b"GET /" + b"a" * 9000)
+        assert closed_by_peer(overlong) and still_open(clock)
+        # And the request timeout ends every idle connection in the end.
+        assert closed_by_peer(clock) and all(closed_by_peer(conn) for conn in flood[9:])
+    finally:
+        clock.close()
+        for conn in flood:
+            conn.close()
+    assert http_get(port, "/healthz") == (200, "ok\n")
+
+
+def raw_http(port: int, request: bytes) -> bytes:
+    """What the plugin answers `request` with, until it closes; b"" for nothing."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        try:
+            conn.sendall(request)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+    return answer
+
+
+def test_the_status_port_answers_only_small_get_requests(served):
+    port = served.port
+    assert raw_http(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.0 200 OK")
+    for method in (b"POST", b"PUT", b"DELETE", b"HEAD"):
+        answer = raw_http(port, method + b" /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 405 Method Not Allowed") and answer.endswith(b"only GET\n"), answer
+    # Requests past 8 KiB are dropped unanswered: one long header line, or many short ones.
+    assert raw_http(port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n") == b""
+    assert raw_http(port, b"GET /metrics HTTP/1.1\r\n" + b"X-Header: value\r\n" * 600 + b"\r\n") == b""
+    assert raw_http(port, b"GET /healthz HTTP/1.1\r\n" + b"X-Header: value\r\n" * 100 + b"\r\n").startswith(
+        b"HTTP/1.0 200 OK")
+
+
+# ---------------------------------------------------------------------------
+# kubelet.sock: what is, and what is not, a new kubelet
+# ---------------------------------------------------------------------------
+
+
+def test_touching_kubelet_sock_is_no_reason_to_register_again(running):
+    kubelet, plugin = running.kubelet, running.plugin
+    os.utime(kubelet.socket_path)
+    os.chmod(kubelet.socket_path, 0o600)
+    # A known reason to register, after the touch: by the time it is served,
+    # any reaction to the touch has been logged.
+    os.unlink(plugin_socket(running, "kvm"))
+    assert kubelet.wait_registered([resource("kvm")], 3, min_registrations=2), plugin.log()
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: registering again: plugin socket was deleted")
+    log = plugin.log()
+    assert "kubelet.sock was re-created" not in log and "kubelet restarted" not in log, log
+    assert [kubelet.state(resource(n)).registrations for n in DEFAULT] == [2, 1, 1]
+
+
+def test_a_recreated_kubelet_sock_alone_is_a_reason_to_register_again(running):
+    kubelet, plugin = running.kubelet, running.plugin
+    # Same kubelet, same streams, the plugin's sockets untouched: only
+    # kubelet.sock is new, as a kubelet restarting faster than its streams
+    # end would leave it.
+    kubelet.recreate_socket()
+    assert kubelet.wait_registered([resource(n) for n in DEFAULT], 3, min_registrations=2), plugin.log()
+    for name in DEFAULT:
+        plugin.wait_log(rf"devices\.kubevirt\.io/{name}: registering again: kubelet.sock was re-created")
+
+
+# ---------------------------------------------------------------------------
+# Files that are not the plugin's (any more)
+# ---------------------------------------------------------------------------
+
+
+def test_stopping_leaves_a_socket_that_is_no_longer_its_own(env):
+    kubelet = FakeKubelet(env.plugin_dir, register_delay_s=60)  # Register under way throughout
+    env.kubelet = kubelet
+    kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm")
+    try:
+        assert kubelet.wait_for(lambda: kubelet.register_calls >= 1, WAIT_S), plugin.log()
+        # Someone else's socket takes the plugin's path.
+        path = plugin_socket(env, "kvm")
+        theirs = socket.socket(socket.AF_UNIX)
+        theirs.bind(path + ".theirs")
+        os.rename(path + ".theirs", path)
+        identity = os.stat(path).st_ino
+        assert plugin.terminate() == 0
+        assert os.stat(path).st_ino == identity
+        theirs.close()
+    finally:
+        kubelet.release.set()
+
+
+def test_an_instance_that_cannot_take_the_lock_writes_no_cdi_spec(running):
+    cdi_dir = os.path.join(running.root, "cdi-second")
+    second = running.start_plugin("--count", "3", "--cdi-spec-dir", cdi_dir)
+    assert second.proc.wait(WAIT_S) == 1
+    second.wait_log(r"another kvm-device-plugin is already serving")
+    assert not os.path.exists(cdi_dir) or os.listdir(cdi_dir) == [], os.listdir(cdi_dir)
