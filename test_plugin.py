@@ -1639,3 +1639,33 @@ def test_an_instance_that_cannot_take_the_lock_writes_no_cdi_spec(running):
     assert second.proc.wait(WAIT_S) == 1
     second.wait_log(r"another kvm-device-plugin is already serving")
     assert not os.path.exists(cdi_dir) or os.listdir(cdi_dir) == [], os.listdir(cdi_dir)
+
+
+# ---------------------------------------------------------------------------
+# What /dev/kvm answers: only a kernel can say, so strace makes it say it
+# ---------------------------------------------------------------------------
+
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="Debian package strace is not installed")
+
+
+def answering_kvm_ioctl(node: str, inject: str) -> list[str]:
+    """Run the plugin where the first ioctl on `node` (KVM_GET_API_VERSION on
+    our own 10:232 node, the real KVM behind it) is answered as `inject`
+    says (strace's inject= syntax), and every later one by the kernel. The
+    plugin is killed with strace (which would otherwise leave it running)."""
+    return ["strace", "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null", "-P", node,
+            "-e", "trace=ioctl", "-e", f"inject=ioctl:{inject}:when=1", "setpriv", "--pdeathsig", "KILL"]
+
+
+@needs_strace
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="this machine has no /dev/kvm")
+def test_a_kvm_api_version_other_than_12_is_unhealthy_until_the_safety_net_asks_again(env):
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm",
+                              prefix=answering_kvm_ioctl(env.node("dev/kvm"), "retval=11"))
+    assert env.kubelet.wait_registered([resource("kvm")], 2), plugin.log()
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: 2 devices Unhealthy: KVM API version 11, expected 12")
+    # Nothing about the node changes: the 5 s safety net opens it again anyway
+    # (an answer like that one can be a passing state), and the kernel says 12.
+    assert wait_health(env, "kvm", "Healthy"), plugin.log()
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: 2 devices Healthy: KVM API version 12")
