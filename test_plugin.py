@@ -1669,3 +1669,59 @@ def test_a_kvm_api_version_other_than_12_is_unhealthy_until_the_safety_net_asks_
     # (an answer like that one can be a passing state), and the kernel says 12.
     assert wait_health(env, "kvm", "Healthy"), plugin.log()
     plugin.wait_log(r"devices\.kubevirt\.io/kvm: 2 devices Healthy: KVM API version 12")
+
+
+OPENAT = {"x86_64": 257, "aarch64": 56}.get(os.uname().machine)
+
+
+def opening(pid: int, path: str) -> bool:
+    """Whether a thread of `pid` is inside openat(path) right now."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                fields = f.read().split()
+            if len(fields) < 3 or fields[0] != str(OPENAT):
+                continue
+            with open(f"/proc/{pid}/mem", "rb") as mem:
+                mem.seek(int(fields[2], 16))
+                if mem.read(len(path) + 1) == path.encode() + b"\0":
+                    return True
+        except (OSError, ValueError, OverflowError):
+            continue
+    return False
+
+
+def node_to_symlink(env: Env, node: str) -> None:
+    elsewhere = os.path.join(env.root, "tun-elsewhere")
+    mknod(elsewhere, 200)
+    os.unlink(node)
+    os.symlink(elsewhere, node)
+
+
+def node_to_null(env: Env, node: str) -> None:
+    os.unlink(node)
+    mknod(node, 3, major=1)
+
+
+@needs_strace
+@pytest.mark.skipif(OPENAT is None, reason="openat's number on this architecture is not listed")
+@pytest.mark.parametrize("replace, reason", [
+    (node_to_null, r"/dev/net/tun was replaced while being checked"),
+    (node_to_symlink, r"/dev/net/tun was replaced by a symbolic link while being checked"),
+])
+def test_a_node_replaced_between_stat_and_open_is_not_taken_for_the_one_stated(env, replace, reason):
+    # strace holds the plugin's second open of the node for 2 s, after its
+    # lstat saw a good node; the test replaces the node meanwhile.
+    node = env.node("dev/net/tun")
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "2", "--devices", "tun", prefix=[
+        "strace", "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null", "-P", node, "-e", "trace=openat",
+        "-e", "inject=openat:delay_enter=2000000:when=2", "setpriv", "--pdeathsig", "KILL"])
+    assert env.kubelet.wait_registered([resource("tun")], 2), plugin.log()
+    with open(f"/proc/{plugin.proc.pid}/task/{plugin.proc.pid}/children") as f:
+        pid = int(f.read().split()[0])  # strace's child: the plugin
+    os.unlink(node)
+    mknod(node, 200)  # a new node: opened again
+    assert settles(lambda: opening(pid, node)), plugin.log()
+    replace(env, node)
+    plugin.wait_log(r"devices\.kubevirt\.io/tun: 2 devices Unhealthy: " + reason)
