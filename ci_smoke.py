@@ -9,7 +9,8 @@ For each stand-in mode (current: kubelet 1.25+; legacy: 1.10 to 1.24;
 pre_cdi: kubelet 1.18's proto) it makes a host root with real device nodes
 (mknod: run as root), runs kvm_device_plugin.py --count 3 as a subprocess,
 and checks in turn: the 3 resources register; Allocate of kvm0 gives one
-DeviceSpec /dev/kvm -> /dev/kvm; after a kubelet restart they register
+DeviceSpec /dev/kvm -> /dev/kvm with the permissions --permissions auto
+must give on this host (rwm on cgroup v2, rw on v1); after a kubelet restart they register
 again and Allocate still works; SIGTERM ends the plugin with exit code 0.
 One line per mode; exit code 1 if any failed. Every wait is bounded.
 
@@ -46,6 +47,9 @@ MODES = {  # name: FakeKubelet keyword arguments
 # What a kubelet of each mode may ignore in an AllocateResponse: a pre-CDI
 # kubelet does not know cdi_devices (field 5).
 IGNORABLE = {"current": set(), "legacy": set(), "pre_cdi": {"container_responses.5"}}
+# --permissions auto: rwm on a cgroup v2 host (older runc's eBPF device filter
+# wants "m" there too), rw on cgroup v1.
+PERMISSIONS = "rwm" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "rw"
 
 
 class Failed(Exception):
@@ -65,8 +69,8 @@ def check_allocate(kubelet: FakeKubelet, mode: str) -> None:
     check(len(response.container_responses) == 1,
           f"Allocate: {len(response.container_responses)} container responses, expected 1")
     specs = [(d.host_path, d.container_path, d.permissions) for d in response.container_responses[0].devices]
-    check(len(specs) == 1 and specs[0][:2] == ("/dev/kvm", "/dev/kvm") and specs[0][2] in ("rw", "rwm"),
-          f"Allocate: DeviceSpecs {specs}, expected one /dev/kvm -> /dev/kvm with rw or rwm")
+    check(specs == [("/dev/kvm", "/dev/kvm", PERMISSIONS)],
+          f"Allocate: DeviceSpecs {specs}, expected one /dev/kvm -> /dev/kvm with {PERMISSIONS}")
     ignored = set(unknown_fields(response)) - IGNORABLE[mode]
     check(not ignored, f"Allocate: fields this kubelet does not know: {sorted(ignored)}")
 

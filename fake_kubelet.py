@@ -18,6 +18,11 @@ It does what ../shared/KUBELET.md says a kubelet does, not what is convenient:
   devices unhealthy (capacity unchanged) and never re-dials;
 - registering a resource again replaces (and closes) its old endpoint.
 
+Misbehaving kubelets, for the tests of the plugin's retry pacing: `reject_with`
+answers every Register with that error (gRPC UNKNOWN, as a kubelet rejects a
+registration); `stream_limit` ends every ListAndWatch stream after that many
+messages, and 0 opens none (a kubelet that lost the registration).
+
 Which proto it speaks is the `proto` argument:
 
 - "current": ../deviceplugin.proto through the committed generated stubs;
@@ -239,7 +244,8 @@ class ResourceState:
 
 class FakeKubelet(pb_grpc.RegistrationServicer):
     def __init__(self, plugin_dir: str, legacy: bool = False, register_delay_s: float = 0.0,
-                 proto: str = "current") -> None:
+                 proto: str = "current", reject_with: str | None = None,
+                 stream_limit: int | None = None) -> None:
         if proto not in PROTOS:
             raise ValueError(f"proto must be one of {sorted(PROTOS)}, not {proto!r}")
         self.plugin_dir = plugin_dir
@@ -252,12 +258,19 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         # Seconds Register sleeps before answering: a kubelet going away.
         self.register_delay_s = register_delay_s
         self.release = threading.Event()  # set to end every such delay at once
+        self.reject_with = reject_with
+        self.stream_limit = stream_limit
         self.register_calls = 0
+        # Per Register call, in order: when it arrived (time.monotonic()) and
+        # the deadline the plugin put on it (seconds left; None without one).
+        self.register_times: list[float] = []
+        self.register_deadlines: list[float | None] = []
         self.resources: dict[str, ResourceState] = {}
         self.rejections: list[str] = []  # errors Register answered
         self.dial_failures: list[str] = []  # legacy: registrations dropped after Register returned
         self.cond = threading.Condition()
         self.server: grpc.Server | None = None
+        self.replaced_servers: list[grpc.Server] = []  # see recreate_socket()
         self.generation = 0
         self._dialing: set[Endpoint] = set()
 
@@ -272,6 +285,12 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
                     os.unlink(path)
             except FileNotFoundError:
                 pass
+        server = self._serve(self.socket_path)
+        with self.cond:
+            self.generation += 1
+            self.server = server
+
+    def _serve(self, path: str) -> grpc.Server:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         if self.messages is pb:
             pb_grpc.add_RegistrationServicer_to_server(self, server)
@@ -284,11 +303,20 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
                     response_serializer=self.messages.Empty.SerializeToString,
                 )},
             ),))
-        server.add_insecure_port(unix_target(self.socket_path))
+        server.add_insecure_port(unix_target(path))
         server.start()
+        return server
+
+    def recreate_socket(self) -> None:
+        """A new kubelet.sock, and nothing else: this kubelet keeps its
+        registrations, its streams and its old server (whose socket file is
+        gone). Bound elsewhere and renamed into place, so the path never
+        lacks a listening socket."""
+        fresh = self._serve(self.socket_path + ".new")
+        os.rename(self.socket_path + ".new", self.socket_path)
         with self.cond:
-            self.generation += 1
-            self.server = server
+            self.replaced_servers.append(self.server)
+            self.server = fresh
 
     def stop(self) -> None:
         """The kubelet process ends: its socket goes, its plugin connections close.
@@ -298,13 +326,15 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         """
         with self.cond:
             server, self.server = self.server, None
+            replaced, self.replaced_servers = self.replaced_servers, []
             endpoints = [r.endpoint for r in self.resources.values() if r.endpoint]
             endpoints += self._dialing
             self._dialing = set()
             for state in self.resources.values():
                 state.endpoint = None
-        if server is not None:
-            server.stop(None).wait()
+        for old in [*replaced, server]:
+            if old is not None:
+                old.stop(None).wait()
         for endpoint in endpoints:
             endpoint.close()
 
@@ -318,9 +348,13 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         generation = self.generation
         with self.cond:
             self.register_calls += 1
+            self.register_times.append(time.monotonic())
+            self.register_deadlines.append(context.time_remaining())
             self.cond.notify_all()
         error = None
-        if request.version != "v1beta1":
+        if self.reject_with:
+            error = self.reject_with
+        elif request.version != "v1beta1":
             error = f"unsupported device plugin API version {request.version!r}"
         elif resource_name_error(request.resource_name):
             error = resource_name_error(request.resource_name)
@@ -393,6 +427,8 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
 
     def _read_stream(self, endpoint: Endpoint) -> None:
         state = self.resources[endpoint.resource]
+        if self.stream_limit == 0:
+            return  # this kubelet lost the registration: no stream, ever
         try:
             stream = endpoint.stub.ListAndWatch(self.messages.Empty(), wait_for_ready=True)
             endpoint.stream = stream
@@ -411,6 +447,8 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
                     state.messages_since_registration += 1
                     state.last_message_at = time.monotonic()
                     self.cond.notify_all()
+                if self.stream_limit is not None and state.messages_since_registration >= self.stream_limit:
+                    stream.cancel()  # this kubelet ends every stream
         except grpc.RpcError:
             pass
         except ValueError:
