@@ -56,6 +56,7 @@ import stat
 import struct
 import sys
 import time
+import traceback
 from typing import Callable, NamedTuple
 
 # gRPC core logs its own INFO lines to stderr unless told otherwise; an operator
@@ -1552,8 +1553,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Peer text reaches log lines: a Register error's details (whatever created
+# kubelet.sock chose them), device IDs, file names, an exception's message. A
+# log line is what an operator and a log pipeline trust, so every character
+# that could end a line (\n, \r, NEL, U+2028/2029, VT, FF, FS...), move a
+# terminal's cursor (ESC, CSI) or reorder text (bidi controls) is written as
+# an escape. Done in the formatters, the one place every line passes, ours and
+# gRPC's, rather than at each call that might carry a peer's words.
+LOG_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]},
+    **{code: f"\\u{code:04x}" for code in [0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+                                          *range(0x2066, 0x206A)]},
+    ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r",  # as repr() writes them
+}
+
+
+def escaped(text: str) -> str:
+    return text.translate(LOG_ESCAPES)
+
+
 class TextFormatter(logging.Formatter):
-    """2026-11-26T23:59:01.123Z INFO message: UTC, so nodes' logs line up."""
+    """2026-11-26T23:59:01.123Z INFO message: UTC, so nodes' logs line up.
+
+    One record is one line, whatever its message holds; a traceback is the
+    only thing that spans lines (see formatException)."""
 
     converter = time.gmtime
     default_time_format = "%Y-%m-%dT%H:%M:%S"
@@ -1562,29 +1585,65 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escaped(super().formatMessage(record))
+
+    def formatException(self, ei) -> str:
+        """The traceback, Python's way, but with each exception's own text
+        escaped: its frames are our code's and gRPC's, its message may be a
+        peer's (an AioRpcError prints the details it was sent, line breaks
+        and all)."""
+        error: BaseException | None = ei[1]
+        parts: list[str] = []
+        seen: set[int] = set()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            summary = "".join(traceback.format_exception_only(type(error), error)).rstrip("\n")
+            parts.append("Traceback (most recent call last):\n"
+                         + "".join(traceback.format_tb(error.__traceback__)) + escaped(summary))
+            if error.__cause__ is not None:
+                parts.append("\nThe above exception was the direct cause of the following exception:\n")
+                error = error.__cause__
+            elif error.__context__ is not None and not error.__suppress_context__:
+                parts.append("\nDuring handling of the above exception, another exception occurred:\n")
+                error = error.__context__
+            else:
+                error = None
+        return "\n".join(reversed(parts))
+
 
 class JsonFormatter(TextFormatter):
     """One JSON object per line: {"time", "level", "message"}, and "exception"
-    with the traceback when there is one."""
+    with the traceback when there is one. json.dumps escapes every control
+    character (and, with ensure_ascii, all non-ASCII); the message is escaped
+    as in text, so that a pipeline showing it unquoted shows one line too."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": self.formatTime(record),
             "level": record.levelname.lower(),
-            "message": record.getMessage(),
+            "message": escaped(record.getMessage()),
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
-class PeerGoneFilter(logging.Filter):
-    """Drops gRPC's ERROR traceback for a stream whose peer went away in the
-    middle of a message (ExecuteBatchError): a kubelet restart does that to a
-    large list, and the stream's end is handled like any other."""
+class GrpcPerCallErrorFilter(logging.Filter):
+    """Drops what gRPC logs, with a traceback, every time a peer does a thing
+    that the plugin already handles, so that a peer cannot flood the log:
+
+    - ExecuteBatchError: a stream whose peer went away in the middle of a
+      message (a kubelet restart does that to a large list); the stream's end
+      is handled like any other;
+    - "Invalid encoding": a peer sent text that is not UTF-8 (a Register
+      error's grpc-message, a method name); gRPC decodes it as latin-1 anyway,
+      and where it matters the plugin's own line quotes it, once.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "ExecuteBatchError" not in record.getMessage()
+        return not (str(record.msg).startswith("Invalid encoding")
+                    or "ExecuteBatchError" in record.getMessage())
 
 
 def resolve_permissions(choice: str) -> str:
@@ -1667,7 +1726,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else TextFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    logging.getLogger("grpc._cython.cygrpc").addFilter(PeerGoneFilter())
+    logging.getLogger("grpc._cython.cygrpc").addFilter(GrpcPerCallErrorFilter())
     host_root = os.path.abspath(args.host_root)
     if args.check:
         return run_check(args.devices, host_root)

@@ -1,0 +1,120 @@
+"""Tests: attacks by something else on the node, played against the real plugin.
+
+Each test plays one attack from issue 19 (a peer that writes the plugin's log,
+a CDI directory swapped for a symlink, a /proc/misc that is not procfs's, a
+host root whose dev is a symlink that gets repointed) and asserts on what the
+plugin writes, logs and sends to the kubelet stand-in. Like test_plugin.py,
+every test starts the processes it needs, bounds every wait and cleans up
+after itself, also when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from concurrent import futures
+
+import grpc
+import pytest
+
+import deviceplugin_pb2 as pb
+import deviceplugin_pb2_grpc as pb_grpc
+from fake_kubelet import unix_target
+from test_plugin import WAIT_S, Env, resource
+
+
+@pytest.fixture
+def env():
+    environment = Env()
+    yield environment
+    environment.close()
+
+
+# ---------------------------------------------------------------------------
+# Logs an attacker writes
+#
+# Whatever can create kubelet.sock in the device-plugins directory chooses the
+# text of Register's error, and the plugin logs it. One peer error must stay
+# one log line, and say nothing it did not say.
+# ---------------------------------------------------------------------------
+
+FORGED = "2026-01-01T00:00:00.000Z INFO devices.kubevirt.io/kvm: registered with the kubelet after 1 ms"
+# A line break, a made-up log line, and every other way a terminal or a log
+# viewer can be made to start a line, move the cursor or hide text.
+HOSTILE_DETAILS = [
+    ("forged lines", "denied\n" + FORGED + "\x1b[2K\x1b[1Aclear\u2028" + FORGED + "\u2029" + FORGED
+     + "\u0085" + FORGED + "\r" + FORGED + "\x0b\x0c\x1c\x7f\x9b31m" + FORGED),
+    # Not UTF-8: gRPC falls back to latin-1, which turns 0x85 into NEL and 0x9b into CSI.
+    ("invalid UTF-8", b"denied \xff\xfe\n" + FORGED.encode() + b"\x85" + FORGED.encode() + b"\x9b2J"),
+]
+LINE_START = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+# What must never reach the log raw: C0 and C1 controls, DEL, and Unicode's
+# line and paragraph separators (str.splitlines() splits at most of them).
+RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class RefusingKubelet(pb_grpc.RegistrationServicer):
+    """A kubelet.sock whose Register fails with the peer's chosen details.
+
+    A synchronous gRPC server: its context.abort() sends bytes as they are,
+    so the details can be anything, valid UTF-8 or not."""
+
+    def __init__(self, plugin_dir: str, details: str | bytes) -> None:
+        self.details = details
+        self.calls = 0
+        self.called = threading.Condition()
+        os.makedirs(plugin_dir, exist_ok=True)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb_grpc.add_RegistrationServicer_to_server(self, self.server)
+        self.server.add_insecure_port(unix_target(os.path.join(plugin_dir, "kubelet.sock")))
+        self.server.start()
+
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
+        with self.called:
+            self.calls += 1
+            self.called.notify_all()
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, self.details)
+
+    def wait_calls(self, calls: int) -> bool:
+        with self.called:
+            return self.called.wait_for(lambda: self.calls >= calls, WAIT_S)
+
+    def stop(self) -> None:
+        self.server.stop(None).wait()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize("case, details", HOSTILE_DETAILS, ids=[case for case, _ in HOSTILE_DETAILS])
+def test_a_kubelet_sock_cannot_write_lines_or_controls_into_the_log(env, log_format, case, details):
+    kubelet = RefusingKubelet(env.plugin_dir, details)
+    try:
+        plugin = env.start_plugin("--count", "1", "--devices", "kvm", "--log-format", log_format)
+        # A dozen refusals: the retries back off from 1 ms to 1 s.
+        assert kubelet.wait_calls(12), plugin.log()
+        assert plugin.terminate() == 0
+    finally:
+        kubelet.stop()
+    with open(plugin.log_path, "rb") as f:
+        raw = f.read()
+    text = raw.decode()  # the log is UTF-8, whatever the peer sent
+    lines = text.splitlines()  # splits at \r, NEL, U+2028 and friends too
+    controls = RAW_CONTROL.findall(text.replace("\n", ""))
+    if log_format == "json":
+        entries = [json.loads(line) for line in lines]  # each line one whole object
+        messages = [entry["message"] for entry in entries]
+        assert not [e for e in entries if "exception" in e], text
+    else:
+        # Lines that start with the peer's timestamp, or with no timestamp at all.
+        forged = [line for line in lines if line.startswith(FORGED[:24]) or not LINE_START.match(line)]
+        assert not forged, f"{len(forged)} lines the plugin did not write:\n{text}"
+        messages = lines
+    assert not controls, f"{len(controls)} raw control characters in the log:\n{text!r}"
+    refusals = [m for m in messages if "registration with" in m]
+    # Said once, with the peer's words made visible rather than obeyed.
+    assert len(refusals) == 1, text
+    assert "PERMISSION_DENIED: denied" in refusals[0]
+    assert "\\n2026-01-01T00:00:00.000Z INFO" in refusals[0], refusals[0]
+    # gRPC's own per-call complaint about the encoding, with its traceback, stays out.
+    assert not [m for m in messages if "Invalid encoding" in m or "Traceback" in m], text
