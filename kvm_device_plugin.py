@@ -214,20 +214,59 @@ class Verdict(NamedTuple):
         return HEALTHY if self.healthy else UNHEALTHY
 
 
+# The kernel's /proc/misc is about a kilobyte. What sits at that path is
+# only trusted as far as it is procfs's regular file; a mount mistake or a
+# container image can put a FIFO there (opening it waits for a writer, and
+# would block the event loop and every probe), /dev/zero (read() never ends,
+# and RSS grows by gigabytes) or a copied file.
+PROC_MISC_MAX_BYTES = 65536
+_proc_misc_problem_said = ""  # the last reason /proc/misc was ignored, said once
+
+
 def read_proc_misc(path: str = PROC_MISC) -> dict[str, int] | None:
     """Map driver name to misc minor for every registered misc driver.
 
     A misc minor appears here only while its driver is loaded, which is how an
     unprivileged process tells "node present, driver missing" from a working
-    device. None when the file cannot be read (not Linux, or /proc hidden).
+    device. None when the file cannot be read (not Linux, or /proc hidden) or
+    is not the kernel's (said once per cause, as a warning).
     """
+    global _proc_misc_problem_said
+    problem = ""
+    data = b""
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read()
+        # O_NONBLOCK: opening a FIFO for reading returns at once, never waits.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        st = os.fstat(fd)
+        # procfs files are regular files of size 0, on the filesystem of /proc.
+        if not stat.S_ISREG(st.st_mode):
+            problem = f"it is a {describe_file_type(st.st_mode)}"
+        elif st.st_dev != os.stat(os.path.dirname(path)).st_dev:
+            problem = f"it is not on the filesystem of {os.path.dirname(path)}"
+        else:
+            while len(data) <= PROC_MISC_MAX_BYTES:
+                chunk = os.read(fd, PROC_MISC_MAX_BYTES + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            if len(data) > PROC_MISC_MAX_BYTES:
+                problem = f"it holds more than {PROC_MISC_MAX_BYTES} bytes"
+    except OSError as e:
+        problem = f"cannot read it: {e.strerror}"
+    finally:
+        os.close(fd)
+    if problem:
+        if problem != _proc_misc_problem_said:
+            log.warning("ignoring %s: %s, not the kernel's list of misc drivers (a mount over "
+                        "it?); drivers cannot be verified", path, problem)
+            _proc_misc_problem_said = problem
+        return None
+    _proc_misc_problem_said = ""
     drivers: dict[str, int] = {}
-    for line in text.splitlines():
+    for line in data.decode("ascii", errors="replace").splitlines():
         minor, _, name = line.strip().partition(" ")
         if minor.isdigit() and name:
             drivers[name.strip()] = int(minor)
@@ -240,6 +279,7 @@ def describe_file_type(mode: int) -> str:
         (stat.S_ISDIR, "directory"),
         (stat.S_ISLNK, "symbolic link"),
         (stat.S_ISBLK, "block device"),
+        (stat.S_ISCHR, "character device"),
         (stat.S_ISSOCK, "socket"),
         (stat.S_ISFIFO, "named pipe"),
     ):

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -21,8 +22,8 @@ import pytest
 
 import deviceplugin_pb2 as pb
 import deviceplugin_pb2_grpc as pb_grpc
-from fake_kubelet import unix_target
-from test_plugin import WAIT_S, Env, resource
+from fake_kubelet import free_port, mknod, unix_target
+from test_plugin import WAIT_S, Env, http_get, resource
 
 
 @pytest.fixture
@@ -118,3 +119,68 @@ def test_a_kubelet_sock_cannot_write_lines_or_controls_into_the_log(env, log_for
     assert "\\n2026-01-01T00:00:00.000Z INFO" in refusals[0], refusals[0]
     # gRPC's own per-call complaint about the encoding, with its traceback, stays out.
     assert not [m for m in messages if "Invalid encoding" in m or "Traceback" in m], text
+
+
+# ---------------------------------------------------------------------------
+# Files the plugin reads and writes
+# ---------------------------------------------------------------------------
+
+def over_proc_misc(source: str) -> list[str]:
+    """Run a command where `source` is bind-mounted over /proc/misc, in a
+    mount namespace of its own: what a mount mistake in a manifest does."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'mount --bind {source} /proc/misc && exec "$@"', "sh"]
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def make_fifo(root: str) -> str:
+    path = os.path.join(root, "fifo")
+    os.mkfifo(path)
+    return path
+
+
+def make_huge_file(root: str) -> str:
+    path = os.path.join(root, "huge")
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)  # sparse: a GiB of zeros that costs no disk
+    return path
+
+
+RSS_LIMIT_MB = 96  # the DaemonSet's memory limit
+
+
+@pytest.mark.parametrize("source, what", [
+    (make_fifo, "a named pipe"),
+    (lambda root: "/dev/zero", "a character device"),
+    (make_huge_file, "not on the filesystem of /proc"),
+    # procfs's own, but megabytes: read no further than /proc/misc could ever be.
+    (lambda root: "/proc/kallsyms", "more than 65536 bytes"),
+], ids=["fifo", "dev-zero", "huge-file", "procfs-but-huge"])
+def test_a_proc_misc_that_is_not_procfs_blocks_nothing_and_grows_nothing(env, source, what):
+    mknod(env.node("dev/sev"), 124)  # a dynamic minor: only /proc/misc can vouch for it
+    env.kubelet.start()
+    port = free_port()
+    plugin = env.start_plugin("--count", "2", "--devices", "kvm,sev", "--metrics-port", str(port),
+                              prefix=over_proc_misc(source(env.root)))
+    names = [resource("kvm"), resource("sev")]
+    deadline = time.monotonic() + WAIT_S
+    peak_mb = 0.0
+    # Watched while waiting: reading /dev/zero whole would take the machine's memory.
+    while not env.kubelet.wait_registered(names, 2, timeout=0.05):
+        peak_mb = max(peak_mb, rss_mb(plugin.proc.pid))
+        assert peak_mb < RSS_LIMIT_MB and time.monotonic() < deadline, (
+            f"not registered; RSS {peak_mb:.0f} MB\n{plugin.log()}")
+    assert http_get(port, "/healthz") == (200, "ok\n")
+    assert env.kubelet.state(resource("kvm")).allocatable == 2  # its minor is static: still checked
+    plugin.wait_log(rf"WARNING ignoring /proc/misc: .*{what}")
+    plugin.wait_log(r"devices\.kubevirt\.io/sev: 2 devices Unhealthy: cannot read /proc/misc to learn "
+                    r"the minor of /dev/sev")
+    env.kubelet.restart()  # more reconciles, each reading /proc/misc again
+    assert env.kubelet.wait_registered(names, 2, min_registrations=2), plugin.log()
+    assert rss_mb(plugin.proc.pid) < RSS_LIMIT_MB
+    assert plugin.terminate() == 0
+    assert len(re.findall(r"ignoring /proc/misc", plugin.log())) == 1, plugin.log()
