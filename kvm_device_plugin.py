@@ -586,11 +586,29 @@ CDI_VERSION = "0.3.0"
 class CdiSpec:
     """One resource's CDI spec file: written atomically, rewritten when it is
     deleted or changed, left in place on exit (restarting containers that
-    were given the CDI name still need it)."""
+    were given the CDI name still need it).
+
+    The directory is shared with other CDI producers, and whoever can write
+    its parent can put a symbolic link in its place (rename a link over it,
+    or swap the two with RENAME_EXCHANGE) between two of our calls: written
+    by path, the spec, as root, would land wherever the link points,
+    replacing a file of the same name there. So the directory is held open,
+    opened without following a link at its last component, and every file
+    is created, written, renamed and checked relative to that descriptor.
+    Each refresh looks at what the path names now: another directory (one
+    replaced on purpose) is opened afresh; a symbolic link is refused, said
+    once. Its ancestors are resolved once, at startup: a configured
+    /var/run/cdi, where /var/run is a link to /run on most hosts, is
+    /run/cdi from then on, and a link swapped in above it later is not
+    followed either. Only the directory itself must not be a link.
+    """
 
     def __init__(self, directory: str, resource_name: str, kind: DeviceKind, permissions: str) -> None:
         vendor, _, device_class = resource_name.partition("/")
-        self.path = os.path.join(directory, f"{vendor}-{device_class}.json")
+        parent, last = os.path.split(os.path.abspath(directory))
+        self.directory = os.path.join(os.path.realpath(parent), last)
+        self.name = f"{vendor}-{device_class}.json"
+        self.path = os.path.join(self.directory, self.name)
         self.device_name = f"{resource_name}={kind.name}"  # the fully qualified CDI name
         self.resource_name = resource_name
         self.content = json.dumps({
@@ -601,26 +619,57 @@ class CdiSpec:
                 "containerEdits": {"deviceNodes": [{"path": kind.path, "permissions": permissions}]},
             }],
         }, indent=2).encode() + b"\n"
+        self.dir_fd = -1
+        self.dir_identity: tuple[int, int] | None = None  # (device, inode) of the directory held
         self.written: tuple[int, int, int] | None = None  # identity of the file we wrote
         self.error_logged = False
 
+    def _directory_held(self) -> bool:
+        """Whether the path still names the directory we hold open."""
+        try:
+            st = os.stat(self.directory, follow_symlinks=False)
+        except OSError:
+            return False
+        return self.dir_fd >= 0 and (st.st_dev, st.st_ino) == self.dir_identity
+
     def in_place(self) -> bool:
-        return self.written is not None and file_identity(self.path) == self.written
+        """The spec as we wrote it is what a runtime reading the path finds."""
+        if self.written is None or not self._directory_held():
+            return False
+        try:
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino, st.st_ctime_ns) == self.written
+
+    def _open_directory(self) -> None:
+        """Hold the directory the path names now; OSError when it cannot be."""
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd, self.dir_identity = -1, None
+        os.makedirs(self.directory, exist_ok=True)
+        # O_NOFOLLOW: ELOOP when the last component is a symbolic link.
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        self.dir_fd, self.dir_identity = fd, (st.st_dev, st.st_ino)
 
     def refresh(self) -> None:
         if self.in_place():
             return
-        directory = os.path.dirname(self.path)
         temporary = None
         try:
-            os.makedirs(directory, exist_ok=True)
-            # The directory is shared with other CDI producers: a fixed
-            # temporary name could be a planted symlink, and writing through it
-            # would overwrite any file as root. So: a new file under a random
-            # name, created exclusively, never through a link. (tempfile.mkstemp
-            # does the same, but its import costs the daemon 0.6 MB of RSS.)
-            name = os.path.join(directory, f".{os.path.basename(self.path)}.{os.urandom(6).hex()}")
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            if not self._directory_held():
+                self._open_directory()
+                if self.in_place():
+                    return  # the directory we wrote into is back, and the spec in it as written
+            # A fixed temporary name could be a planted symlink, and writing
+            # through it would overwrite any file as root. So: a new file under
+            # a random name, created exclusively, never through a link.
+            # (tempfile.mkstemp does the same, but its import costs the daemon
+            # 0.6 MB of RSS, and it takes no directory descriptor.)
+            name = f".{self.name}.{os.urandom(6).hex()}"
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=self.dir_fd)
             temporary = name  # ours to remove if anything below fails
             with open(fd, "wb") as f:
                 f.write(self.content)
@@ -628,20 +677,25 @@ class CdiSpec:
                 os.fsync(fd)  # no empty spec after a crash
             # rename() replaces the file (or a link planted there) in one step:
             # a runtime reading the directory never sees half a spec.
-            os.rename(temporary, self.path)
+            os.rename(temporary, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
         except OSError as e:
-            self.written = None
             if temporary is not None:
                 try:
-                    os.unlink(temporary)
+                    os.unlink(temporary, dir_fd=self.dir_fd)
                 except OSError:
                     pass
             if not self.error_logged:
-                log.warning("%s: cannot write CDI spec %s: %s", self.resource_name, self.path, e.strerror)
+                if os.path.islink(self.directory):
+                    reason = (f"{self.directory} is a symbolic link, not a directory; not writing "
+                              "through it (name the directory it should be in --cdi-spec-dir)")
+                else:
+                    reason = e.strerror
+                log.warning("%s: cannot write CDI spec %s: %s", self.resource_name, self.path, reason)
                 self.error_logged = True
             return
         rewritten = self.written is not None or self.error_logged
-        self.written = file_identity(self.path)
+        self.written = (st.st_dev, st.st_ino, st.st_ctime_ns)
         self.error_logged = False
         log.info("%s: %s CDI spec %s", self.resource_name, "rewrote" if rewritten else "wrote", self.path)
 

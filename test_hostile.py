@@ -10,6 +10,7 @@ after itself, also when it fails.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import pytest
 import deviceplugin_pb2 as pb
 import deviceplugin_pb2_grpc as pb_grpc
 from fake_kubelet import free_port, mknod, unix_target
-from test_plugin import WAIT_S, Env, http_get, resource
+from test_plugin import WAIT_S, Env, http_get, resource, settles
 
 
 @pytest.fixture
@@ -184,3 +185,63 @@ def test_a_proc_misc_that_is_not_procfs_blocks_nothing_and_grows_nothing(env, so
     assert rss_mb(plugin.proc.pid) < RSS_LIMIT_MB
     assert plugin.terminate() == 0
     assert len(re.findall(r"ignoring /proc/misc", plugin.log())) == 1, plugin.log()
+
+
+RENAME_EXCHANGE = 2  # renameat2(2): swap two names atomically, whatever they are
+AT_FDCWD = -100
+
+
+def exchange(first: str, second: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), second)
+
+
+def cdi_names(env: Env) -> list[str]:
+    response = env.kubelet.allocate(resource("kvm"), [["kvm0"]])
+    return [device.name for device in response.container_responses[0].cdi_devices]
+
+
+def test_a_cdi_directory_swapped_for_a_symlink_is_never_written_through(env):
+    cdi_dir = os.path.join(env.root, "cdi")
+    spec = os.path.join(cdi_dir, "devices.kubevirt.io-kvm.json")
+    victim = os.path.join(env.root, "victim")  # a directory root's specs must never reach
+    os.makedirs(victim)
+    with open(os.path.join(victim, "devices.kubevirt.io-kvm.json"), "w") as f:
+        f.write("precious\n")  # same name as the spec: what the issue saw overwritten
+    link = os.path.join(env.root, "cdi.link")
+    os.symlink(victim, link)
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "1", "--devices", "kvm", "--cdi-spec-dir", cdi_dir)
+    assert env.kubelet.wait_registered([resource("kvm")], 1), plugin.log()
+    plugin.wait_log(r"devices\.kubevirt\.io/kvm: wrote CDI spec")
+
+    # The attack: the link and the directory trade places, over and over,
+    # each swap a wake-up for the plugin while the link is in place.
+    swaps = 0
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline or swaps % 2:
+        exchange(link, cdi_dir)
+        swaps += 1
+        time.sleep(0.002)
+    planted = open(os.path.join(victim, "devices.kubevirt.io-kvm.json")).read()
+    assert (os.listdir(victim), planted) == (["devices.kubevirt.io-kvm.json"], "precious\n"), (
+        f"after {swaps} swaps: {len(os.listdir(victim)) - 1} files written into the link's target, "
+        f"the planted file now {len(planted)} bytes")
+
+    # With the link in place the spec is not where a runtime looks: Allocate
+    # does not name it. Back as it was, it does again, without a rewrite.
+    exchange(link, cdi_dir)
+    assert cdi_names(env) == []
+    plugin.wait_log(r"cannot write CDI spec \S+: \S+/cdi is a symbolic link, not a directory")
+    exchange(link, cdi_dir)
+    assert settles(lambda: cdi_names(env) == ["devices.kubevirt.io/kvm=kvm"]), plugin.log()
+    assert os.listdir(victim) == ["devices.kubevirt.io-kvm.json"]
+    assert len(re.findall(r"is a symbolic link", plugin.log())) == 1, plugin.log()
+
+    # A directory really replaced (by another directory) is written into.
+    os.rename(cdi_dir, cdi_dir + ".old")
+    os.makedirs(cdi_dir, exist_ok=True)
+    assert settles(lambda: os.path.isfile(spec)), plugin.log()
+    assert json.load(open(spec))["kind"] == resource("kvm")
+    assert plugin.terminate() == 0
