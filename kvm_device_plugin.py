@@ -469,29 +469,79 @@ IN_MOVE_SELF = 0x800
 IN_Q_OVERFLOW = 0x4000
 IN_IGNORED = 0x8000
 IN_ONLYDIR = 0x1000000
+IN_DONT_FOLLOW = 0x2000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 WATCH_MASK = (
     IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_CLOSE_WRITE | IN_ATTRIB
-    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW
 )
 WAKE_ALWAYS = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
 EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len; then the name
+MAX_SYMLINKS = 40  # the kernel's limit on links followed in one lookup
+
+
+def lookup_chain(path: str) -> list[tuple[str, str]]:
+    """Every (directory, name) the kernel looks up to reach the absolute
+    `path`, following symbolic links as it does (a link's target is looked up
+    in turn), up to the first name that is missing. Each directory is a path
+    without links; a change to any of these entries can change what `path`
+    names."""
+    visited: list[tuple[str, str]] = []
+    pending = collections.deque(part for part in path.split("/") if part)
+    directory, links = "/", 0
+    while pending:
+        name = pending.popleft()
+        if name == ".":
+            continue
+        if name == "..":
+            directory = os.path.dirname(directory)
+            continue
+        visited.append((directory, name))
+        entry = os.path.join(directory, name)
+        try:
+            st = os.lstat(entry)
+        except OSError:
+            break  # missing (or unreadable): its creation, in `directory`, is what to wait for
+        if stat.S_ISLNK(st.st_mode) and links < MAX_SYMLINKS:
+            links += 1
+            try:
+                target = os.readlink(entry)
+            except OSError:
+                break
+            if target.startswith("/"):
+                directory = "/"
+            pending.extendleft(reversed([part for part in target.split("/") if part]))
+        else:
+            directory = entry
+    return visited
 
 
 class DirectoryWatcher:
-    """Calls wake() when a file we care about changes in a watched directory.
+    """Calls wake() when a file we care about changes, or anything on the way to it.
 
-    `paths` are the files of interest. Their directories are watched; while a
-    directory does not exist yet (no /dev/net, no device-plugins directory) its
-    nearest existing ancestor is watched instead, so its creation wakes us too.
-    Only events whose name is a component of a path of interest wake: a busy
-    /dev full of unrelated nodes costs a read, not a reconcile.
+    `paths` are the files of interest. inotify watches an inode, not a path:
+    a watch on /host/dev stays on the directory it was added to, and sees
+    nothing when /host/dev, a symbolic link, is pointed elsewhere (that
+    change is an entry in /host), nor when a directory on the way is renamed
+    or replaced. So every directory the kernel passes through to reach a path
+    is watched: each ancestor up to /, and, where a component is a symbolic
+    link, the ancestors of its target too (see lookup_chain). A missing
+    directory (no /dev/net yet) is covered by its parent's watch. Only events
+    whose name is a component of such a lookup wake, so a busy /dev full of
+    unrelated nodes costs a read, not a reconcile.
+
+    The watches follow the paths: any waking event first re-resolves every
+    path, adds watches on what they lead to now and drops the ones they no
+    longer pass through, then wakes. The watch on a new directory is thus in
+    place before the reconcile it triggers looks inside it: a node made in
+    it after that look is an event, not a change left to the safety net.
     """
 
     def __init__(self, paths: list[str], wake: Callable[[], None]) -> None:
-        self.directories = sorted({os.path.dirname(p) for p in paths})
-        self.names = {part for p in paths for part in p.split("/") if part}
+        self.paths = sorted(set(paths))
+        self.names: set[str] = set()
+        self.watches: dict[int, str] = {}  # watch descriptor -> directory
         self.wake = wake
         self.fd = -1
         self._libc: ctypes.CDLL | None = None
@@ -513,27 +563,38 @@ class DirectoryWatcher:
         return self.sync()
 
     def sync(self) -> bool:
-        """(Re)add watches; directories come and go. False when out of watches."""
+        """(Re)add watches. False, and watching stops, when out of watches."""
         if self.fd < 0 or self._libc is None:
             return False
-        for directory in self.directories:
-            target = directory
-            while True:
-                wd = self._libc.inotify_add_watch(self.fd, os.fsencode(target), WATCH_MASK)
-                if wd >= 0:
-                    break
-                err = ctypes.get_errno()
-                if err == errno.ENOSPC:
-                    log.warning(
-                        "out of inotify watches (fs.inotify.max_user_watches): "
-                        "polling every %.0f s instead", POLL_WITHOUT_INOTIFY_S,
-                    )
-                    self.close()
-                    return False
-                parent = os.path.dirname(target)
-                if parent == target:
-                    break
-                target = parent
+        if not self._watch_lookups():
+            log.warning(
+                "out of inotify watches (fs.inotify.max_user_watches): "
+                "polling every %.0f s instead", POLL_WITHOUT_INOTIFY_S,
+            )
+            self.close()
+            return False
+        return True
+
+    def _watch_lookups(self) -> bool:
+        """Watch every directory on the way to each path, and only those;
+        False when out of watches."""
+        assert self._libc is not None
+        chains = [lookup_chain(path) for path in self.paths]
+        self.names = {name for chain in chains for _, name in chain}
+        watches: dict[int, str] = {}
+        for directory in sorted({directory for chain in chains for directory, _ in chain}):
+            # IN_DONT_FOLLOW: a link swapped in since the lookup is not
+            # followed; its own directory's watch has seen the swap.
+            wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), WATCH_MASK)
+            if wd >= 0:
+                watches[wd] = directory
+            elif ctypes.get_errno() == errno.ENOSPC:
+                return False
+            # Otherwise gone or not a directory since the lookup: that
+            # change was an event in its parent's watch.
+        for wd in self.watches.keys() - watches.keys():
+            self._libc.inotify_rm_watch(self.fd, wd)  # its IN_IGNORED wakes us once more: harmless
+        self.watches = watches
         return True
 
     def _drain(self) -> None:
@@ -550,11 +611,13 @@ class DirectoryWatcher:
             while offset + EVENT_HEADER.size <= len(data):
                 _wd, mask, _cookie, length = EVENT_HEADER.unpack_from(data, offset)
                 start = offset + EVENT_HEADER.size
-                name = data[start:start + length].rstrip(b"\0").decode(errors="replace")
+                name = data[start:start + length].rstrip(b"\0").decode(errors="surrogateescape")
                 offset = start + length
                 if mask & WAKE_ALWAYS or name in self.names:
                     relevant = True
         if relevant:
+            # Out of watches: the lifecycle loop's own sync() says so and polls.
+            self._watch_lookups()
             self.wake()
 
     def close(self) -> None:
