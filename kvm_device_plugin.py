@@ -695,15 +695,19 @@ class CdiSpec:
             return False
         return self.dir_fd >= 0 and (st.st_dev, st.st_ino) == self.dir_identity
 
-    def in_place(self) -> bool:
-        """The spec as we wrote it is what a runtime reading the path finds."""
-        if self.written is None or not self._directory_held():
+    def _spec_unchanged(self) -> bool:
+        """The directory held holds the spec as we wrote it."""
+        if self.written is None:
             return False
         try:
             st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
         except OSError:
             return False
         return (st.st_dev, st.st_ino, st.st_ctime_ns) == self.written
+
+    def in_place(self) -> bool:
+        """The spec as we wrote it is what a runtime reading the path finds."""
+        return self._directory_held() and self._spec_unchanged()
 
     def _open_directory(self) -> None:
         """Hold the directory the path names now; OSError when it cannot be."""
@@ -717,14 +721,17 @@ class CdiSpec:
         self.dir_fd, self.dir_identity = fd, (st.st_dev, st.st_ino)
 
     def refresh(self) -> None:
-        if self.in_place():
+        # The path is looked at once: it may change again meanwhile, and that
+        # is the next wake-up's business, not a reason to write.
+        held = self._directory_held()
+        if held and self._spec_unchanged():
             return
         temporary = None
         try:
-            if not self._directory_held():
+            if not held:
                 self._open_directory()
-                if self.in_place():
-                    return  # the directory we wrote into is back, and the spec in it as written
+                if self._spec_unchanged():
+                    return  # the directory we wrote into is back, the spec in it as written
             # A fixed temporary name could be a planted symlink, and writing
             # through it would overwrite any file as root. So: a new file under
             # a random name, created exclusively, never through a link.
