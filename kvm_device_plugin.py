@@ -47,6 +47,7 @@ import stat
 import struct
 import sys
 import time
+import traceback
 from typing import Any, AsyncIterator, Callable, NamedTuple
 
 # gRPC core logs its own INFO lines to stderr unless told otherwise; an operator
@@ -211,20 +212,59 @@ class Verdict(NamedTuple):
         return HEALTHY if self.healthy else UNHEALTHY
 
 
+# The kernel's /proc/misc is about a kilobyte. What sits at that path is
+# only trusted as far as it is procfs's regular file; a mount mistake or a
+# container image can put a FIFO there (opening it waits for a writer, and
+# would block the event loop and every probe), /dev/zero (read() never ends,
+# and RSS grows by gigabytes) or a copied file.
+PROC_MISC_MAX_BYTES = 65536
+_proc_misc_problem_said = ""  # the last reason /proc/misc was ignored, said once
+
+
 def read_proc_misc(path: str = PROC_MISC) -> dict[str, int] | None:
     """Map driver name to misc minor for every registered misc driver.
 
     A misc minor appears here only while its driver is loaded, which is how an
     unprivileged process tells "node present, driver missing" from a working
-    device. None when the file cannot be read (not Linux, or /proc hidden).
+    device. None when the file cannot be read (not Linux, or /proc hidden) or
+    is not the kernel's (said once per cause, as a warning).
     """
+    global _proc_misc_problem_said
+    problem = ""
+    data = b""
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read()
+        # O_NONBLOCK: opening a FIFO for reading returns at once, never waits.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        st = os.fstat(fd)
+        # procfs files are regular files of size 0, on the filesystem of /proc.
+        if not stat.S_ISREG(st.st_mode):
+            problem = f"it is a {describe_file_type(st.st_mode)}"
+        elif st.st_dev != os.stat(os.path.dirname(path)).st_dev:
+            problem = f"it is not on the filesystem of {os.path.dirname(path)}"
+        else:
+            while len(data) <= PROC_MISC_MAX_BYTES:
+                chunk = os.read(fd, PROC_MISC_MAX_BYTES + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            if len(data) > PROC_MISC_MAX_BYTES:
+                problem = f"it holds more than {PROC_MISC_MAX_BYTES} bytes"
+    except OSError as e:
+        problem = f"cannot read it: {e.strerror}"
+    finally:
+        os.close(fd)
+    if problem:
+        if problem != _proc_misc_problem_said:
+            log.warning("ignoring %s: %s, not the kernel's list of misc drivers (a mount over "
+                        "it?); drivers cannot be verified", path, problem)
+            _proc_misc_problem_said = problem
+        return None
+    _proc_misc_problem_said = ""
     drivers: dict[str, int] = {}
-    for line in text.splitlines():
+    for line in data.decode("ascii", errors="replace").splitlines():
         minor, _, name = line.strip().partition(" ")
         if minor.isdigit() and name:
             drivers[name.strip()] = int(minor)
@@ -237,6 +277,7 @@ def describe_file_type(mode: int) -> str:
         (stat.S_ISDIR, "directory"),
         (stat.S_ISLNK, "symbolic link"),
         (stat.S_ISBLK, "block device"),
+        (stat.S_ISCHR, "character device"),
         (stat.S_ISSOCK, "socket"),
         (stat.S_ISFIFO, "named pipe"),
     ):
@@ -423,29 +464,79 @@ IN_MOVE_SELF = 0x800
 IN_Q_OVERFLOW = 0x4000
 IN_IGNORED = 0x8000
 IN_ONLYDIR = 0x1000000
+IN_DONT_FOLLOW = 0x2000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 WATCH_MASK = (
     IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_CLOSE_WRITE | IN_ATTRIB
-    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+    | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW
 )
 WAKE_ALWAYS = IN_Q_OVERFLOW | IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF
 EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len; then the name
+MAX_SYMLINKS = 40  # the kernel's limit on links followed in one lookup
+
+
+def lookup_chain(path: str) -> list[tuple[str, str]]:
+    """Every (directory, name) the kernel looks up to reach the absolute
+    `path`, following symbolic links as it does (a link's target is looked up
+    in turn), up to the first name that is missing. Each directory is a path
+    without links; a change to any of these entries can change what `path`
+    names."""
+    visited: list[tuple[str, str]] = []
+    pending = collections.deque(part for part in path.split("/") if part)
+    directory, links = "/", 0
+    while pending:
+        name = pending.popleft()
+        if name == ".":
+            continue
+        if name == "..":
+            directory = os.path.dirname(directory)
+            continue
+        visited.append((directory, name))
+        entry = os.path.join(directory, name)
+        try:
+            st = os.lstat(entry)
+        except OSError:
+            break  # missing (or unreadable): its creation, in `directory`, is what to wait for
+        if stat.S_ISLNK(st.st_mode) and links < MAX_SYMLINKS:
+            links += 1
+            try:
+                target = os.readlink(entry)
+            except OSError:
+                break
+            if target.startswith("/"):
+                directory = "/"
+            pending.extendleft(reversed([part for part in target.split("/") if part]))
+        else:
+            directory = entry
+    return visited
 
 
 class DirectoryWatcher:
-    """Calls wake() when a file we care about changes in a watched directory.
+    """Calls wake() when a file we care about changes, or anything on the way to it.
 
-    `paths` are the files of interest. Their directories are watched; while a
-    directory does not exist yet (no /dev/net, no device-plugins directory) its
-    nearest existing ancestor is watched instead, so its creation wakes us too.
-    Only events whose name is a component of a path of interest wake: a busy
-    /dev full of unrelated nodes costs a read, not a reconcile.
+    `paths` are the files of interest. inotify watches an inode, not a path:
+    a watch on /host/dev stays on the directory it was added to, and sees
+    nothing when /host/dev, a symbolic link, is pointed elsewhere (that
+    change is an entry in /host), nor when a directory on the way is renamed
+    or replaced. So every directory the kernel passes through to reach a path
+    is watched: each ancestor up to /, and, where a component is a symbolic
+    link, the ancestors of its target too (see lookup_chain). A missing
+    directory (no /dev/net yet) is covered by its parent's watch. Only events
+    whose name is a component of such a lookup wake, so a busy /dev full of
+    unrelated nodes costs a read, not a reconcile.
+
+    The watches follow the paths: any waking event first re-resolves every
+    path, adds watches on what they lead to now and drops the ones they no
+    longer pass through, then wakes. The watch on a new directory is thus in
+    place before the reconcile it triggers looks inside it: a node made in
+    it after that look is an event, not a change left to the safety net.
     """
 
     def __init__(self, paths: list[str], wake: Callable[[], None]) -> None:
-        self.directories = sorted({os.path.dirname(p) for p in paths})
-        self.names = {part for p in paths for part in p.split("/") if part}
+        self.paths = sorted(set(paths))
+        self.names: set[str] = set()
+        self.watches: dict[int, str] = {}  # watch descriptor -> directory
         self.wake = wake
         self.fd = -1
         self._libc: ctypes.CDLL | None = None
@@ -467,27 +558,38 @@ class DirectoryWatcher:
         return self.sync()
 
     def sync(self) -> bool:
-        """(Re)add watches; directories come and go. False when out of watches."""
+        """(Re)add watches. False, and watching stops, when out of watches."""
         if self.fd < 0 or self._libc is None:
             return False
-        for directory in self.directories:
-            target = directory
-            while True:
-                wd = self._libc.inotify_add_watch(self.fd, os.fsencode(target), WATCH_MASK)
-                if wd >= 0:
-                    break
-                err = ctypes.get_errno()
-                if err == errno.ENOSPC:
-                    log.warning(
-                        "out of inotify watches (fs.inotify.max_user_watches): "
-                        "polling every %.0f s instead", POLL_WITHOUT_INOTIFY_S,
-                    )
-                    self.close()
-                    return False
-                parent = os.path.dirname(target)
-                if parent == target:
-                    break
-                target = parent
+        if not self._watch_lookups():
+            log.warning(
+                "out of inotify watches (fs.inotify.max_user_watches): "
+                "polling every %.0f s instead", POLL_WITHOUT_INOTIFY_S,
+            )
+            self.close()
+            return False
+        return True
+
+    def _watch_lookups(self) -> bool:
+        """Watch every directory on the way to each path, and only those;
+        False when out of watches."""
+        assert self._libc is not None
+        chains = [lookup_chain(path) for path in self.paths]
+        self.names = {name for chain in chains for _, name in chain}
+        watches: dict[int, str] = {}
+        for directory in sorted({directory for chain in chains for directory, _ in chain}):
+            # IN_DONT_FOLLOW: a link swapped in since the lookup is not
+            # followed; its own directory's watch has seen the swap.
+            wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), WATCH_MASK)
+            if wd >= 0:
+                watches[wd] = directory
+            elif ctypes.get_errno() == errno.ENOSPC:
+                return False
+            # Otherwise gone or not a directory since the lookup: that
+            # change was an event in its parent's watch.
+        for wd in self.watches.keys() - watches.keys():
+            self._libc.inotify_rm_watch(self.fd, wd)  # its IN_IGNORED wakes us once more: harmless
+        self.watches = watches
         return True
 
     def _drain(self) -> None:
@@ -504,11 +606,13 @@ class DirectoryWatcher:
             while offset + EVENT_HEADER.size <= len(data):
                 _wd, mask, _cookie, length = EVENT_HEADER.unpack_from(data, offset)
                 start = offset + EVENT_HEADER.size
-                name = data[start:start + length].rstrip(b"\0").decode(errors="replace")
+                name = data[start:start + length].rstrip(b"\0").decode(errors="surrogateescape")
                 offset = start + length
                 if mask & WAKE_ALWAYS or name in self.names:
                     relevant = True
         if relevant:
+            # Out of watches: the lifecycle loop's own sync() says so and polls.
+            self._watch_lookups()
             self.wake()
 
     def close(self) -> None:
@@ -540,11 +644,29 @@ CDI_VERSION = "0.3.0"
 class CdiSpec:
     """One resource's CDI spec file: written atomically, rewritten when it is
     deleted or changed, left in place on exit (restarting containers that
-    were given the CDI name still need it)."""
+    were given the CDI name still need it).
+
+    The directory is shared with other CDI producers, and whoever can write
+    its parent can put a symbolic link in its place (rename a link over it,
+    or swap the two with RENAME_EXCHANGE) between two of our calls: written
+    by path, the spec, as root, would land wherever the link points,
+    replacing a file of the same name there. So the directory is held open,
+    opened without following a link at its last component, and every file
+    is created, written, renamed and checked relative to that descriptor.
+    Each refresh looks at what the path names now: another directory (one
+    replaced on purpose) is opened afresh; a symbolic link is refused, said
+    once. Its ancestors are resolved once, at startup: a configured
+    /var/run/cdi, where /var/run is a link to /run on most hosts, is
+    /run/cdi from then on, and a link swapped in above it later is not
+    followed either. Only the directory itself must not be a link.
+    """
 
     def __init__(self, directory: str, resource_name: str, kind: DeviceKind, permissions: str) -> None:
         vendor, _, device_class = resource_name.partition("/")
-        self.path = os.path.join(directory, f"{vendor}-{device_class}.json")
+        parent, last = os.path.split(os.path.abspath(directory))
+        self.directory = os.path.join(os.path.realpath(parent), last)
+        self.name = f"{vendor}-{device_class}.json"
+        self.path = os.path.join(self.directory, self.name)
         self.device_name = f"{resource_name}={kind.name}"  # the fully qualified CDI name
         self.resource_name = resource_name
         self.content = json.dumps({
@@ -555,26 +677,64 @@ class CdiSpec:
                 "containerEdits": {"deviceNodes": [{"path": kind.path, "permissions": permissions}]},
             }],
         }, indent=2).encode() + b"\n"
+        self.dir_fd = -1
+        self.dir_identity: tuple[int, int] | None = None  # (device, inode) of the directory held
         self.written: tuple[int, int, int] | None = None  # identity of the file we wrote
         self.error_logged = False
 
+    def _directory_held(self) -> bool:
+        """Whether the path still names the directory we hold open."""
+        try:
+            st = os.stat(self.directory, follow_symlinks=False)
+        except OSError:
+            return False
+        return self.dir_fd >= 0 and (st.st_dev, st.st_ino) == self.dir_identity
+
+    def _spec_unchanged(self) -> bool:
+        """The directory held holds the spec as we wrote it."""
+        if self.written is None:
+            return False
+        try:
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino, st.st_ctime_ns) == self.written
+
     def in_place(self) -> bool:
-        return self.written is not None and file_identity(self.path) == self.written
+        """The spec as we wrote it is what a runtime reading the path finds."""
+        return self._directory_held() and self._spec_unchanged()
+
+    def _open_directory(self) -> None:
+        """Hold the directory the path names now; OSError when it cannot be."""
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd, self.dir_identity = -1, None
+        os.makedirs(self.directory, exist_ok=True)
+        # O_NOFOLLOW: ELOOP when the last component is a symbolic link.
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        self.dir_fd, self.dir_identity = fd, (st.st_dev, st.st_ino)
 
     def refresh(self) -> None:
-        if self.in_place():
+        # The path is looked at once: it may change again meanwhile, and that
+        # is the next wake-up's business, not a reason to write.
+        held = self._directory_held()
+        if held and self._spec_unchanged():
             return
-        directory = os.path.dirname(self.path)
         temporary = None
         try:
-            os.makedirs(directory, exist_ok=True)
-            # The directory is shared with other CDI producers: a fixed
-            # temporary name could be a planted symlink, and writing through it
-            # would overwrite any file as root. So: a new file under a random
-            # name, created exclusively, never through a link. (tempfile.mkstemp
-            # does the same, but its import costs the daemon 0.6 MB of RSS.)
-            name = os.path.join(directory, f".{os.path.basename(self.path)}.{os.urandom(6).hex()}")
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            if not held:
+                self._open_directory()
+                if self._spec_unchanged():
+                    return  # the directory we wrote into is back, the spec in it as written
+            # A fixed temporary name could be a planted symlink, and writing
+            # through it would overwrite any file as root. So: a new file under
+            # a random name, created exclusively, never through a link.
+            # (tempfile.mkstemp does the same, but its import costs the daemon
+            # 0.6 MB of RSS, and it takes no directory descriptor.)
+            name = f".{self.name}.{os.urandom(6).hex()}"
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=self.dir_fd)
             temporary = name  # ours to remove if anything below fails
             with open(fd, "wb") as f:
                 f.write(self.content)
@@ -582,20 +742,25 @@ class CdiSpec:
                 os.fsync(fd)  # no empty spec after a crash
             # rename() replaces the file (or a link planted there) in one step:
             # a runtime reading the directory never sees half a spec.
-            os.rename(temporary, self.path)
+            os.rename(temporary, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
         except OSError as e:
-            self.written = None
             if temporary is not None:
                 try:
-                    os.unlink(temporary)
+                    os.unlink(temporary, dir_fd=self.dir_fd)
                 except OSError:
                     pass
             if not self.error_logged:
-                log.warning("%s: cannot write CDI spec %s: %s", self.resource_name, self.path, e.strerror)
+                if os.path.islink(self.directory):
+                    reason = (f"{self.directory} is a symbolic link, not a directory; not writing "
+                              "through it (name the directory it should be in --cdi-spec-dir)")
+                else:
+                    reason = e.strerror
+                log.warning("%s: cannot write CDI spec %s: %s", self.resource_name, self.path, reason)
                 self.error_logged = True
             return
         rewritten = self.written is not None or self.error_logged
-        self.written = file_identity(self.path)
+        self.written = (st.st_dev, st.st_ino, st.st_ctime_ns)
         self.error_logged = False
         log.info("%s: %s CDI spec %s", self.resource_name, "rewrote" if rewritten else "wrote", self.path)
 
@@ -1716,8 +1881,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Peer text reaches log lines: a Register error's details (whatever created
+# kubelet.sock chose them), device IDs, file names, an exception's message. A
+# log line is what an operator and a log pipeline trust, so every character
+# that could end a line (\n, \r, NEL, U+2028/2029, VT, FF, FS...), move a
+# terminal's cursor (ESC, CSI) or reorder text (bidi controls) is written as
+# an escape. Done in the formatters, the one place every line passes, ours and
+# gRPC's, rather than at each call that might carry a peer's words.
+LOG_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]},
+    **{code: f"\\u{code:04x}" for code in [0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+                                          *range(0x2066, 0x206A)]},
+    ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r",  # as repr() writes them
+}
+
+
+def escaped(text: str) -> str:
+    return text.translate(LOG_ESCAPES)
+
+
 class TextFormatter(logging.Formatter):
-    """2026-11-26T23:59:01.123Z INFO message: UTC, so nodes' logs line up."""
+    """2026-11-26T23:59:01.123Z INFO message: UTC, so nodes' logs line up.
+
+    One record is one line, whatever its message holds; a traceback is the
+    only thing that spans lines (see formatException)."""
 
     converter = time.gmtime
     default_time_format = "%Y-%m-%dT%H:%M:%S"
@@ -1726,29 +1913,65 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escaped(super().formatMessage(record))
+
+    def formatException(self, ei) -> str:
+        """The traceback, Python's way, but with each exception's own text
+        escaped: its frames are our code's and gRPC's, its message may be a
+        peer's (an AioRpcError prints the details it was sent, line breaks
+        and all)."""
+        error: BaseException | None = ei[1]
+        parts: list[str] = []
+        seen: set[int] = set()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            summary = "".join(traceback.format_exception_only(type(error), error)).rstrip("\n")
+            parts.append("Traceback (most recent call last):\n"
+                         + "".join(traceback.format_tb(error.__traceback__)) + escaped(summary))
+            if error.__cause__ is not None:
+                parts.append("\nThe above exception was the direct cause of the following exception:\n")
+                error = error.__cause__
+            elif error.__context__ is not None and not error.__suppress_context__:
+                parts.append("\nDuring handling of the above exception, another exception occurred:\n")
+                error = error.__context__
+            else:
+                error = None
+        return "\n".join(reversed(parts))
+
 
 class JsonFormatter(TextFormatter):
     """One JSON object per line: {"time", "level", "message"}, and "exception"
-    with the traceback when there is one."""
+    with the traceback when there is one. json.dumps escapes every control
+    character (and, with ensure_ascii, all non-ASCII); the message is escaped
+    as in text, so that a pipeline showing it unquoted shows one line too."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": self.formatTime(record),
             "level": record.levelname.lower(),
-            "message": record.getMessage(),
+            "message": escaped(record.getMessage()),
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
-class PeerGoneFilter(logging.Filter):
-    """Drops gRPC's ERROR traceback for a stream whose peer went away in the
-    middle of a message (ExecuteBatchError): a kubelet restart does that to a
-    large list, and the stream's end is handled like any other."""
+class GrpcPerCallErrorFilter(logging.Filter):
+    """Drops what gRPC logs, with a traceback, every time a peer does a thing
+    that the plugin already handles, so that a peer cannot flood the log:
+
+    - ExecuteBatchError: a stream whose peer went away in the middle of a
+      message (a kubelet restart does that to a large list); the stream's end
+      is handled like any other;
+    - "Invalid encoding": a peer sent text that is not UTF-8 (a Register
+      error's grpc-message, a method name); gRPC decodes it as latin-1 anyway,
+      and where it matters the plugin's own line quotes it, once.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "ExecuteBatchError" not in record.getMessage()
+        return not (str(record.msg).startswith("Invalid encoding")
+                    or "ExecuteBatchError" in record.getMessage())
 
 
 def resolve_permissions(choice: str) -> str:
@@ -1831,7 +2054,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else TextFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    logging.getLogger("grpc._cython.cygrpc").addFilter(PeerGoneFilter())
+    logging.getLogger("grpc._cython.cygrpc").addFilter(GrpcPerCallErrorFilter())
     host_root = os.path.abspath(args.host_root)
     if args.check:
         return run_check(args.devices, host_root)
