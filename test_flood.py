@@ -108,3 +108,14 @@ def test_rapid_reset_fails_no_kubelet_allocate_and_keeps_memory_bounded(rig):
     assert rss_max - rss_before < 10, (rss_before, rss_max)
     state = rig.kubelet.state(KVM)
     assert state.stream_open and state.registrations == 1
+
+
+def test_allocate_takes_a_few_containers_per_call_not_as_many_as_there_are_devices(rig):
+    # A kubelet sends one container per Allocate; 110 one-ID containers are
+    # within --count but not what any kubelet sends, and each costs the loop.
+    few = rig.kubelet.allocate(KVM, [[f"kvm{i}"] for i in range(kdp.MAX_CONTAINER_REQUESTS)])
+    assert len(few.container_responses) == kdp.MAX_CONTAINER_REQUESTS
+    with pytest.raises(grpc.RpcError) as caught:
+        rig.kubelet.allocate(KVM, [[f"kvm{i}"] for i in range(110)])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "AllocateRequest has 110 container requests; a kubelet sends one per call" in caught.value.details()
