@@ -19,7 +19,12 @@ import pytest
 import deviceplugin_pb2 as pb
 import kvm_device_plugin as kdp
 from bench_plugin import Rig, resource, rss_mb
-from flood_peers import hold_connections, open_connections, start_connect_loop, start_rapid_reset
+from flood_peers import (
+    hold_connections,
+    open_connections,
+    start_connect_loop,
+    start_rapid_reset,
+)
 
 WAIT_S = 10.0
 # The stand-in's dial-back waits 10 s, as a kubelet's does; a Register that
