@@ -113,6 +113,8 @@ QUICK = {"health_reps": 10, "restarts": 30, "timed_restarts": 30, "idle_cpu_s": 
 # with every kubelet restart. The plugin runs with it in every figure here.
 DEPLOYED_ENV = {"MALLOC_ARENA_MAX": "1"}
 FLOOD_CONNECTIONS = 1000
+CONN_FLOOD = 2000  # connections held to a plugin socket (--flood)
+RAPID_RESET_RATE = 13000  # streams opened and reset a second, as measured in issue 19
 
 
 def resource(name: str) -> str:
@@ -433,6 +435,134 @@ def bench_large(r: dict[str, float]) -> None:
         r["rss_mb_idle_100000"] = rss_mb(rig.pid)
 
 
+# -- floods on the plugin's gRPC sockets and scale (--flood) ----------------------------
+
+
+def bench_conn_flood(r: dict[str, float]) -> None:
+    """rss_mb_grpc_conn_flood: VmRSS with CONN_FLOOD idle HTTP/2 connections
+    held to the kvm socket (attempts: past the cap the plugin closes them);
+    then a kubelet restart must register and allocate."""
+    import flood_peers
+    with Rig(110, ("kvm",)) as rig:
+        rig.start()
+        time.sleep(SETTLE_S)
+        r["rss_mb_before_grpc_conn_flood"] = rss_mb(rig.pid)
+        held = flood_peers.hold_connections(os.path.join(rig.plugin_dir, "kvm-device-plugin-kvm.sock"),
+                                            CONN_FLOOD)
+        try:
+            time.sleep(SETTLE_S)
+            r["rss_mb_grpc_conn_flood"] = rss_mb(rig.pid)
+            r["grpc_conn_flood_kept"] = flood_peers.open_connections(held)
+            base = rig.baseline()
+            t0 = time.monotonic()
+            rig.kubelet.restart()
+            r["reregister_ms_grpc_conn_flood"] = (rig.wait_lists(base) - t0) * 1000
+            rig.kubelet.allocate(resource("kvm"), [["kvm1"]])
+        finally:
+            for conn in held:
+                conn.close()
+        r["rss_mb_after_grpc_conn_flood"] = process_facts(rig.pid)[0]
+
+
+def bench_rapid_reset(seconds: float, r: dict[str, float]) -> None:
+    """RAPID_RESET_RATE HEADERS + RST_STREAM a second on the kvm socket for
+    `seconds`; meanwhile the stand-in's Allocate every 20 ms on the same socket
+    (p99, failures), the plugin's CPU and its largest VmRSS."""
+    import flood_peers
+    with Rig(110, ("kvm",)) as rig:
+        rig.start()
+        time.sleep(SETTLE_S)
+        stub = rig.kubelet.stub(resource("kvm"))
+        request = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=["kvm1"])])
+        attacker = flood_peers.start_rapid_reset(os.path.join(rig.plugin_dir, "kvm-device-plugin-kvm.sock"),
+                                                 seconds, RAPID_RESET_RATE)
+        rig.helpers.append(attacker)
+        start_ns, start = cpu_ns(rig.pid), time.monotonic()
+        took, failed, rss_max = [], 0, 0.0
+        while attacker.poll() is None:
+            t0 = time.perf_counter()
+            try:
+                stub.Allocate(request, timeout=WAIT_S)
+            except grpc.RpcError:
+                failed += 1
+            took.append((time.perf_counter() - t0) * 1000)
+            rss_max = max(rss_max, rss_mb(rig.pid))
+            time.sleep(0.02)
+        r["rapid_reset_cpu_percent"] = (cpu_ns(rig.pid) - start_ns) / ((time.monotonic() - start) * 1e9) * 100
+        r["rapid_reset_streams_per_s"] = int(attacker.stdout.read().split()[0]) / seconds
+        r["rapid_reset_rss_mb"] = rss_max
+        r["allocate_p50_ms_under_rapid_reset"] = percentile(took, 50)
+        r["allocate_p99_ms_under_rapid_reset"] = percentile(took, 99)
+        r["allocate_failed_under_rapid_reset"] = failed
+
+
+def restarts_with_flaps(rig: Rig, restarts: int, flap_s: float = 0.1) -> None:
+    """`restarts` kubelet restarts, each awaited, while kvm's node flaps every `flap_s`."""
+    import threading
+    path, minor = rig.node("kvm"), DEVICE_NODES["kvm"][1]
+    stop = threading.Event()
+
+    def flap() -> None:
+        while not stop.wait(flap_s):
+            if os.path.exists(path):
+                os.unlink(path)
+            else:
+                mknod(path, minor)
+
+    flapper = threading.Thread(target=flap, daemon=True)
+    flapper.start()
+    try:
+        for _ in range(restarts):
+            base = rig.baseline()
+            rig.kubelet.restart()
+            rig.wait_lists(base, 120)
+    finally:
+        stop.set()
+        flapper.join()
+        if not os.path.exists(path):
+            mknod(path, minor)
+
+
+def bench_count_restarts(counts: tuple[int, ...], r: dict[str, float]) -> None:
+    """VmRSS idle and after 50, 150 and 300 kubelet restarts (a flap every 100 ms)
+    for each --count, --devices kvm: rss_mb_count_<N>_after_<R>_restarts."""
+    for count in counts:
+        with Rig(count, ("kvm",)) as rig:
+            rig.start(timeout=180)
+            time.sleep(SETTLE_S)
+            r[f"rss_mb_count_{count}_idle"] = rss_mb(rig.pid)
+            done = 0
+            for mark in (50, 150, 300):
+                restarts_with_flaps(rig, mark - done)
+                done = mark
+                r[f"rss_mb_count_{count}_after_{mark}_restarts"] = process_facts(rig.pid)[0]
+
+
+def growth_1000_restarts(restarts: int) -> float:
+    """rss_growth_mb_1000_restarts, once: see the module docstring."""
+    with Rig(110) as rig:
+        rig.start()
+        restart_series(rig, 5)
+        before = process_facts(rig.pid)[0]
+        for _ in range(restarts):
+            rig.kubelet.restart()
+            time.sleep(0.005)
+        restart_series(rig, 1)
+        return process_facts(rig.pid)[0] - before
+
+
+def bench_flood(quick: bool) -> dict[str, float]:
+    r: dict[str, float] = {}
+    bench_conn_flood(r)
+    bench_rapid_reset(8.0 if quick else 40.0, r)
+    runs = [growth_1000_restarts(200 if quick else 1000) for _ in range(5)]
+    r["rss_growth_mb_1000_restarts_min"] = min(runs)
+    r["rss_growth_mb_1000_restarts_median"] = statistics.median(runs)
+    r["rss_growth_mb_1000_restarts_max"] = max(runs)
+    bench_count_restarts((110, 10_000) if quick else (110, 10_000, 50_000, 100_000), r)
+    return {k: round(v, 3) for k, v in r.items()}
+
+
 # The plugin under tracemalloc: what grew between `warm-up` seconds after start
 # and its exit, largest first, into a file. Used by --soak --tracemalloc only
 # (tracing makes every allocation slower and bigger).
@@ -567,6 +697,9 @@ def main() -> int:
                         help="instead: daemonset.yaml's pod started in a private containerd (e2e/runtime_harness.py)")
     parser.add_argument("--kubelet", metavar="PATH",
                         help="instead: the plugin under this real kubelet binary (e2e/kubelet_harness.py)")
+    parser.add_argument("--flood", action="store_true",
+                        help="instead: connection flood, rapid reset (40 s), memory over restarts "
+                             "(five runs) and per --count (300 restarts each)")
     args = parser.parse_args()
     # SIGTERM would otherwise skip the finally blocks that remove processes and dirs.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -583,7 +716,9 @@ def main() -> int:
     soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
     limits.setrlimit(limits.RLIMIT_NOFILE, (max(soft, min(hard, 4 * FLOOD_CONNECTIONS)), hard))
     facts = machine_facts()
-    if args.soak:
+    if args.flood:
+        results = bench_flood(args.quick)
+    elif args.soak:
         results = {k: round(v, 3) for k, v in soak(args.soak, args.tracemalloc).items()}
     else:
         results = run(args.quick)

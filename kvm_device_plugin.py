@@ -87,6 +87,10 @@ DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_RESOURCE_DOMAIN = "devices.kubevirt.io"
 DEFAULT_COUNT = 110  # KubeVirt's default: the kubelet's default pod limit
 MAX_COUNT = 100_000
+# The kubelet sends one ContainerAllocateRequest per Allocate (one container
+# at admission), with as many IDs as that container's limit. A few more are
+# answered; 100,000 one-ID containers took 642 ms of the event loop per call.
+MAX_CONTAINER_REQUESTS = 8
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 # Since kubelet 1.25 Register waits for the kubelet to dial back (10 s timeout)
@@ -121,6 +125,30 @@ STOP_TIMEOUT_S = 0.5
 MAX_OTHER_STREAMS = 4
 KUBELET_STREAM_GRACE_S = 1.0
 KUBELET_STREAM_GRACE_STREAMS = 2
+# Any process that can reach the socket may also connect to it, and every
+# HTTP/2 connection gRPC holds costs ~14 KB: 4,000 idle ones would take the
+# plugin past its 96 Mi limit. Each server (there is a new one for every
+# registration) takes this many at once; past that gRPC accepts a connection
+# and closes it. The kubelet needs one (it dials back right after Register and
+# keeps that connection), /healthz one for a moment. The cap is a race: a
+# flood that fills it between the rename of a new server's socket into place
+# and the kubelet's dial-back makes Register fail, and the next attempt serves
+# on a new server (see _register). So it is set well above what a client
+# connecting in a loop opens in those milliseconds, and low enough that one
+# full server per resource fits in memory (256 x 14 KB = 3.5 MB).
+MAX_CONNECTIONS = 256
+# A connection with no call open for this long is closed: a flood of held,
+# idle connections gives its slots back. The kubelet's connection always has
+# its ListAndWatch stream open. (A maximum connection age would cut that
+# stream, and the kubelet never dials again by itself.)
+CONNECTION_IDLE_MS = 2000
+# Streams at once on one connection. The kubelet's connection carries its
+# ListAndWatch stream and one Allocate at a time (pods are admitted one by
+# one); a client over the limit waits, it is not refused. A client that opens
+# and resets streams as fast as it can (HTTP/2 "rapid reset") would otherwise
+# have gRPC create a call for each: 13,000 a second took RSS from 41 to 81 MB
+# in 10 s and failed most of the kubelet's Allocate calls.
+MAX_STREAMS_PER_CONNECTION = 4
 # A registration still unfinished after this long is stuck, whatever the
 # cause: /healthz fails, so that the liveness probe restarts the pod. So it
 # does past this many old servers that cannot finish stopping (each holds a
@@ -963,6 +991,11 @@ class DeviceService(pb_grpc.DevicePluginServicer):
         # Checked before any per-ID work: no container can hold more devices
         # than there are, and a request naming half a million IDs would keep
         # the event loop (and every probe) waiting for seconds.
+        if len(request.container_requests) > MAX_CONTAINER_REQUESTS:
+            return grpc.StatusCode.INVALID_ARGUMENT, (
+                f"{name}: AllocateRequest has {len(request.container_requests)} container requests; "
+                f"a kubelet sends one per call, this plugin takes at most {MAX_CONTAINER_REQUESTS}"
+            )
         most = max(len(container.devices_ids) for container in request.container_requests)
         if most > self.count or len(request.container_requests) > self.count:
             return grpc.StatusCode.INVALID_ARGUMENT, (
@@ -1268,9 +1301,19 @@ class KubeletLink:
         # count of them. gRPC's default limit (4 MiB) lets any client have us
         # decode 500,000 container requests: 0.5 s on the loop and 70 MB of
         # RSS kept afterwards, an OOM kill under the DaemonSet's limit.
-        server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", 65536 + 16 * self.service.count)]
-        )
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", 65536 + 16 * self.service.count),
+            # Connection floods (see MAX_CONNECTIONS): past the cap gRPC
+            # accepts and closes at once; connections without a call are
+            # closed after a while (the kubelet's always has its stream).
+            ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
+            ("grpc.max_connection_idle_ms", CONNECTION_IDLE_MS),
+            # HTTP/2 rapid reset (see MAX_STREAMS_PER_CONNECTION): a stream
+            # the client reset keeps counting against the limit until gRPC
+            # has let go of it, so a resetting client gets refused streams.
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            ("grpc.http.overload_protection", 1),
+        ])
         server.add_generic_rpc_handlers((device_plugin_service(self.service),))
         try:
             server.add_insecure_port(grpc_unix_target(bind_path))  # binds the path now
@@ -1363,6 +1406,10 @@ class KubeletLink:
                     # connection differ every time.
                     cause, error = e.code().name, f"{e.code().name}: {e.details()}"
                     transient = e.code() == grpc.StatusCode.UNAVAILABLE
+                    # The kubelet answered but refused: maybe because its dial-back
+                    # found every connection slot of our server taken (see
+                    # MAX_CONNECTIONS). The next attempt serves on a new server.
+                    served = transient
                 except (OSError, RuntimeError) as e:
                     cause = error = str(e)
                     transient = True
