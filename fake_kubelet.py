@@ -49,8 +49,9 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from concurrent import futures
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
@@ -102,6 +103,7 @@ def start_stalled_reader(socket_path: str) -> subprocess.Popen:
     here = os.path.dirname(os.path.abspath(__file__))
     reader = subprocess.Popen([sys.executable, "-c", STALLED_READER, socket_path], cwd=here,
                               stdout=subprocess.PIPE, text=True)
+    assert reader.stdout is not None  # stdout=PIPE
     try:
         if reader.stdout.readline() != "read one\n":
             raise RuntimeError("the stalled reader read nothing")
@@ -151,7 +153,8 @@ def unknown_fields(message: Message, prefix: str = "") -> list[str]:
     """The fields of `message`, at any depth, that its proto does not know, as
     "path.number" (e.g. "container_responses.5" for cdi_devices seen by a
     pre-CDI kubelet): what a kubelet built from that proto ignores."""
-    found = {f"{prefix}{field.field_number}" for field in UnknownFieldSet(message)}
+    unknown = UnknownFieldSet(message)  # indexable, not declared iterable
+    found = {f"{prefix}{unknown[i].field_number}" for i in range(len(unknown))}
     for field, value in message.ListFields():
         if field.message_type is None or field.message_type.GetOptions().map_entry:
             continue
@@ -186,6 +189,8 @@ class Endpoint:
         self.socket_path = socket_path
         self.options = options
         self.channel = grpc.insecure_channel(unix_target(socket_path), options=CHANNEL_OPTIONS)
+        # Any: MethodPathStub's methods are made at run time.
+        self.stub: Any
         if messages is pb:
             self.stub = pb_grpc.DevicePluginStub(self.channel)
         else:
@@ -344,7 +349,9 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
 
     # -- the Registration service ---------------------------------------------
 
-    def Register(self, request: Message, context: grpc.ServicerContext) -> Message:
+    def Register(
+        self, request: pb.RegisterRequest | pre_cdi_pb.RegisterRequest, context: grpc.ServicerContext
+    ) -> Message:
         generation = self.generation
         with self.cond:
             self.register_calls += 1

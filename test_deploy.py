@@ -13,7 +13,10 @@ statically what would otherwise show up only on a node:
 - mounts that do not line up with --host-root and --plugin-dir (the plugin
   would report every device missing, or never reach the kubelet);
 - a security setting of the DaemonSet or of the example consumer pod that was
-  quietly loosened.
+  quietly loosened;
+- a systemd unit (deploy/kvm-device-plugin.service) that systemd would
+  reject or warn about, or whose command line, environment and limits drift
+  from the DaemonSet's.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -41,6 +45,10 @@ MANIFESTS = ["daemonset.yaml"] + sorted(
 KUBERNETES_VERSIONS = ["1.25.0", "1.37.0"]
 SCRIPT_NAME = "kvm_device_plugin.py"
 KUBELET_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"  # on the node
+UNIT = "deploy/kvm-device-plugin.service"
+INSTALL_DIR = "/opt/kvm-device-plugin"  # where the unit expects the plugin and its venv
+# Set by .ci/run, which installs the Debian packages: a missing one fails instead of skipping.
+REQUIRE_ENV = "KDP_REQUIRE_RUNTIME"
 
 
 def load_documents(name: str) -> list[dict]:
@@ -116,6 +124,41 @@ def mount_and_volume(pod_spec: dict, container: dict, match) -> tuple[dict, dict
 
 def host_path(path: str):
     return lambda volume: volume.get("hostPath", {}).get("path") == path
+
+
+def require_program(program: str, package: str) -> str:
+    """The program's path; or skip with one line naming the Debian package
+    (a failure where .ci/run has installed it)."""
+    path = shutil.which(program)
+    if path is None:
+        missing = f"{program} is not installed: apt-get install -y {package}"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{missing} ({REQUIRE_ENV}=1: .ci/run installs it)")
+        pytest.skip(missing)
+    return path
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """A systemd unit file as {"Section.Key": [values in order]}: comments
+    dropped, backslash continuations joined, repeated keys kept."""
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, value = line.split("=", 1)
+        settings.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return settings
+
+
+@pytest.fixture(scope="module")
+def unit() -> dict[str, list[str]]:
+    with open(os.path.join(HERE, UNIT)) as f:
+        return unit_settings(f.read())
 
 
 # --- Schemas and linter -----------------------------------------------------
@@ -272,3 +315,75 @@ def test_consumer_pod_requests_the_three_devices_unprivileged():
     # The plugin, not a hostPath, puts the device nodes into the container.
     assert not any("hostPath" in volume for volume in pod["spec"].get("volumes", []))
     assert "ls -l /dev/kvm /dev/net/tun /dev/vhost-net" in " ".join(container["command"])
+
+
+# --- The host-level install: deploy/kvm-device-plugin.service ------------------
+
+
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    analyze = require_program("systemd-analyze", "systemd")
+    with open(os.path.join(HERE, UNIT)) as f:
+        text = f.read()
+    # verify insists that ExecStart's program exists: point the install
+    # directory at this checkout and this interpreter; nothing else changes.
+    assert text.count(f"{INSTALL_DIR}/venv/bin/python ") == 1
+    text = text.replace(f"{INSTALL_DIR}/venv/bin/python ", f"{sys.executable} ")
+    text = text.replace(f"{INSTALL_DIR}/", f"{HERE}/")
+    copy = tmp_path / os.path.basename(UNIT)
+    copy.write_text(text)
+    result = run([analyze, "verify", str(copy)])
+    # An unknown or misspelt setting is only a warning with exit 0: insist on silence.
+    assert (result.returncode, result.stdout) == (0, ""), result.stdout
+
+
+def test_systemd_unit_runs_the_daemonset_command_line(unit, container):
+    (exec_start,) = unit["Service.ExecStart"]
+    command = shlex.split(exec_start)
+    assert command[:2] == [f"{INSTALL_DIR}/venv/bin/python", f"{INSTALL_DIR}/{SCRIPT_NAME}"]
+    on_host = vars(parse_plugin_args(args_after_script(command)))
+    in_pod = vars(plugin_args(container))
+    # Where they must differ: the host's own /dev, and a status port that stays
+    # on the node (the pod's is on the pod's own address).
+    assert (on_host.pop("host_root"), in_pod.pop("host_root")) == ("/", "/host")
+    assert on_host.pop("metrics_address") == "127.0.0.1"
+    in_pod.pop("metrics_address")
+    assert on_host == in_pod
+
+
+def test_systemd_unit_sets_the_daemonsets_environment_and_limits(unit, container):
+    environment = dict(word.split("=", 1) for value in unit["Service.Environment"]
+                       for word in shlex.split(value))
+    for entry in container.get("env", []):
+        assert environment.get(entry["name"]) == entry["value"], entry["name"]
+    limits = container["resources"]["limits"]
+    assert limits["memory"].endswith("Mi")  # systemd's M is 1024 * 1024 bytes, as Mi
+    assert unit["Service.MemoryMax"] == [limits["memory"].removesuffix("Mi") + "M"]
+    assert unit["Service.CPUQuota"] == [f"{int(limits['cpu']) * 100}%"]
+
+
+def test_systemd_unit_starts_before_the_kubelet_without_binding_it(unit):
+    assert "kubelet.service" in unit["Unit.Before"][0].split()
+    assert "kubelet.service" in unit["Install.WantedBy"][0].split()
+    # The kubelet must run whether or not the plugin does.
+    for key in ("Unit.Requires", "Unit.BindsTo", "Unit.Requisite", "Unit.PartOf",
+                "Install.RequiredBy", "Install.UpheldBy"):
+        assert key not in unit, key
+    assert unit["Service.Restart"] == ["on-failure"]
+
+
+def test_systemd_unit_is_confined_as_the_daemonset_is(unit, container):
+    # No capability and no way to gain one, as `capabilities: drop: [ALL]`
+    # and `allowPrivilegeEscalation: false`; a read-only system but the
+    # kubelet's directory, as `readOnlyRootFilesystem` and the two mounts.
+    assert unit["Service.CapabilityBoundingSet"] == [""]
+    assert unit["Service.AmbientCapabilities"] == [""]
+    assert unit["Service.NoNewPrivileges"] == ["yes"]
+    assert unit["Service.ProtectSystem"] == ["strict"]
+    assert unit["Service.ReadWritePaths"] == [plugin_args(container).plugin_dir]
+    for key in ("ProtectHome", "PrivateTmp", "ProtectKernelModules", "ProtectKernelTunables"):
+        assert unit[f"Service.{key}"] == ["yes"], key
+    # The device nodes the plugin probes, and no others.
+    assert unit["Service.DevicePolicy"] == ["closed"]
+    allowed = sorted(value.split()[0] for value in unit["Service.DeviceAllow"])
+    nodes = sorted(kdp.DEVICE_TABLE[name].path for name in plugin_args(container).devices)
+    assert allowed == nodes
