@@ -320,7 +320,8 @@ class FakeKubelet(pb_grpc.RegistrationServicer):
         fresh = self._serve(self.socket_path + ".new")
         os.rename(self.socket_path + ".new", self.socket_path)
         with self.cond:
-            self.replaced_servers.append(self.server)
+            if self.server is not None:
+                self.replaced_servers.append(self.server)
             self.server = fresh
 
     def stop(self) -> None:

@@ -48,7 +48,8 @@ import struct
 import sys
 import time
 import traceback
-from typing import Any, AsyncIterator, Callable, NamedTuple
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple, TypeVar
 
 # gRPC core logs its own INFO lines to stderr unless told otherwise; an operator
 # reading this plugin's log wants only ours. Must be set before grpc loads.
@@ -63,13 +64,15 @@ if __name__ == "__main__":
     for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(_signum, lambda signum, frame: sys.exit(0))
 
-import grpc  # noqa: E402
-from google.protobuf.message import DecodeError  # noqa: E402
+import grpc
+from google.protobuf.message import DecodeError, Message
 
-import deviceplugin_pb2 as pb  # noqa: E402
-import deviceplugin_pb2_grpc as pb_grpc  # noqa: E402
+import deviceplugin_pb2 as pb
+import deviceplugin_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvm-device-plugin")
+Context = grpc.aio.ServicerContext  # what every handler is given besides its request
+RequestT = TypeVar("RequestT", bound=Message)
 
 # ---------------------------------------------------------------------------
 # Constants and the device table
@@ -434,7 +437,7 @@ class NodeChecker:
             # symlink planted there since is not followed.
             fd = os.open(self.node_path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError as e:
-            name = errno.errorcode.get(e.errno, str(e.errno))
+            name = errno.errorcode.get(e.errno or 0, str(e.errno))
             if e.errno in (errno.EPERM, errno.EACCES):
                 return ("refused", f"{name}: {e.strerror}"), None
             if e.errno in (errno.ENODEV, errno.ENXIO):
@@ -783,7 +786,7 @@ class CdiSpec:
                     reason = (f"{self.directory} is a symbolic link, not a directory; not writing "
                               "through it (name the directory it should be in --cdi-spec-dir)")
                 else:
-                    reason = e.strerror
+                    reason = e.strerror or str(e)
                 log.warning("%s: cannot write CDI spec %s: %s", self.resource_name, self.path, reason)
                 self.error_logged = True
             return
@@ -922,10 +925,11 @@ class DeviceService(pb_grpc.DevicePluginServicer):
     # Every handler returns a message (gRPC turns a None into INTERNAL); a
     # refusal goes through context.abort() with a status and a message.
 
-    async def GetDevicePluginOptions(self, request, context):
+    async def GetDevicePluginOptions(self, request: pb.Empty, context: Context) -> pb.DevicePluginOptions:
         return PLUGIN_OPTIONS
 
-    async def ListAndWatch(self, request, context):
+    async def ListAndWatch(self, request: pb.Empty,
+                           context: Context) -> AsyncIterator[pb.ListAndWatchResponse]:
         """Stream the full device list now and after every health change.
 
         The kubelet opens one stream per registration and reads it forever. If
@@ -957,13 +961,15 @@ class DeviceService(pb_grpc.DevicePluginServicer):
             if stream.from_kubelet and not self.stopping:
                 self.wake()
 
-    async def GetPreferredAllocation(self, request, context):
+    async def GetPreferredAllocation(self, request: pb.PreferredAllocationRequest,
+                                     context: Context) -> pb.PreferredAllocationResponse:
         return pb.PreferredAllocationResponse()  # never called: the option is off
 
-    async def PreStartContainer(self, request, context):
+    async def PreStartContainer(self, request: pb.PreStartContainerRequest,
+                                context: Context) -> pb.PreStartContainerResponse:
         return pb.PreStartContainerResponse()  # never called: the option is off
 
-    async def Allocate(self, request, context):
+    async def Allocate(self, request: pb.AllocateRequest, context: Context) -> pb.AllocateResponse:
         """Give each container the device node.
 
         The kubelet calls this at pod admission, once per container, and uses
@@ -1028,7 +1034,7 @@ class DeviceService(pb_grpc.DevicePluginServicer):
             and int(number) < self.count
         )
 
-    async def decode(self, request_type: type, raw: bytes, context: grpc.aio.ServicerContext):
+    async def decode(self, request_type: type[RequestT], raw: bytes, context: Context) -> RequestT:
         """The request as a message, or INVALID_ARGUMENT with one log line.
 
         gRPC itself would answer bytes that do not decode with UNKNOWN and log
@@ -1061,7 +1067,7 @@ def decoding_handler(service: DeviceService, method: Any) -> grpc.RpcMethodHandl
     serialize = getattr(pb, method.output_type.name).SerializeToString
     implementation = getattr(service, method.name)
     if method.server_streaming:
-        async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream(raw: bytes, context: Context) -> AsyncIterator[Any]:
             request = await service.decode(request_type, raw, context)
             # aclosing: the generator's cleanup (the end of the kubelet's
             # stream wakes the lifecycle loop) runs now, not whenever the
@@ -1071,7 +1077,7 @@ def decoding_handler(service: DeviceService, method: Any) -> grpc.RpcMethodHandl
                     yield response
         return grpc.unary_stream_rpc_method_handler(stream, response_serializer=serialize)
 
-    async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(raw: bytes, context: Context) -> Any:
         return await implementation(await service.decode(request_type, raw, context), context)
     return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
 
@@ -1318,7 +1324,8 @@ class KubeletLink:
         try:
             server.add_insecure_port(grpc_unix_target(bind_path))  # binds the path now
         except RuntimeError:
-            raise OSError(f"cannot bind a socket next to {self.socket_path}: {bind_problem(bind_path)}") from None
+            problem = bind_problem(bind_path)
+            raise OSError(f"cannot bind a socket next to {self.socket_path}: {problem}") from None
         # Held before start(): a registration cancelled while it starts must
         # leave a server that the next stop_server() stops, not an orphan.
         self.server = server
@@ -1477,6 +1484,10 @@ class KubeletLink:
 INSTANCE_SOCKET = "kvm-device-plugin.sock"
 
 
+def unix_socket() -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+
+
 class InstanceSocket:
     """Holds a listening socket at a fixed name in the plugin directory, the
     proof that this is the one instance serving it.
@@ -1503,7 +1514,7 @@ class InstanceSocket:
         self.release()
         if self.other_instance_answers():
             return False
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        listener = unix_socket()
         bind_path = f"{self.path}.{os.urandom(3).hex()}"
         try:
             listener.bind(bind_path)
@@ -1530,7 +1541,7 @@ class InstanceSocket:
                 self.listener.accept()[0].close()
 
     def other_instance_answers(self) -> bool:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        probe = unix_socket()
         try:
             probe.connect(self.path)
         except BlockingIOError:
@@ -1667,7 +1678,8 @@ class Daemon:
         if self.watcher.fd >= 0 and not self.watcher.sync():
             self.poll_s = POLL_WITHOUT_INOTIFY_S
         if not os.path.isdir(self.plugin_dir):
-            self.note_kubelet(None, f"{self.kubelet_socket} does not exist ({directory_problem(self.plugin_dir)})")
+            problem = directory_problem(self.plugin_dir)
+            self.note_kubelet(None, f"{self.kubelet_socket} does not exist ({problem})")
             return
         if not self.instance.hold():
             log.error("another kvm-device-plugin is already serving %s (its %s answers); refusing to "
@@ -1820,10 +1832,11 @@ class StatusEndpoint:
              lambda link: int(self.daemon.is_ready(link))),
             ("registrations_total", "counter", "Successful registrations with the kubelet.",
              lambda link: link.registrations),
-            ("reregistrations_total", "counter", "Registrations after the first (kubelet restarts, "
-             "ended streams, deleted sockets).", lambda link: max(link.registrations - 1, 0)),
-            ("allocations_total", "counter", "Container requests answered with the device (by the "
-             "kubelet or any other client of the plugin's socket).",
+            ("reregistrations_total", "counter",
+             "Registrations after the first (kubelet restarts, ended streams, deleted sockets).",
+             lambda link: max(link.registrations - 1, 0)),
+            ("allocations_total", "counter",
+             "Container requests answered with the device (by the kubelet or any other client).",
              lambda link: link.service.allocations),
             ("allocation_errors_total", "counter", "Allocate calls refused (by anyone's request).",
              lambda link: link.service.allocation_errors),
@@ -1953,7 +1966,7 @@ class TextFormatter(logging.Formatter):
     One record is one line, whatever its message holds; a traceback is the
     only thing that spans lines (see formatException)."""
 
-    converter = time.gmtime
+    converter = staticmethod(time.gmtime)
     default_time_format = "%Y-%m-%dT%H:%M:%S"
     default_msec_format = "%s.%03dZ"
 
@@ -1963,7 +1976,7 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escaped(super().formatMessage(record))
 
-    def formatException(self, ei) -> str:
+    def formatException(self, ei: Any) -> str:
         """The traceback, Python's way, but with each exception's own text
         escaped: its frames are our code's and gRPC's, its message may be a
         peer's (an AioRpcError prints the details it was sent, line breaks
@@ -2113,8 +2126,9 @@ def main(argv: list[str] | None = None) -> int:
 
     permissions = resolve_permissions(args.permissions)
 
+    cdi_spec_dir = os.path.abspath(args.cdi_spec_dir) if args.cdi_spec_dir else None
+
     async def serve() -> int:
-        cdi_spec_dir = os.path.abspath(args.cdi_spec_dir) if args.cdi_spec_dir else None
         links = [
             KubeletLink(DeviceService(DEVICE_TABLE[name], f"{args.resource_domain}/{name}", args.count,
                                       permissions, host_root, cdi_spec_dir), plugin_dir)
