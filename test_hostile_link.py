@@ -20,6 +20,7 @@ import pytest
 
 import deviceplugin_pb2 as pb
 import deviceplugin_pb2_grpc as pb_grpc
+import kvm_device_plugin as kdp
 from test_plugin import DEFAULT, WAIT_S, env, kubelet, resource, running  # noqa: F401 - fixtures
 
 SOCKET = "kvm-device-plugin-kvm.sock"
@@ -117,11 +118,14 @@ def test_streams_opened_next_to_the_kubelets_are_capped_too(running):
     kvm = resource("kvm")
     running.kubelet.restart()
     assert running.kubelet.wait_registered([kvm], 3, min_registrations=2), running.plugin.log()
-    # Within the second after the kubelet's stream opened: 40 foreign streams.
+    # Within the second after the kubelet's stream opened: 40 foreign streams,
+    # each on a connection of its own (one connection carries only a few).
     path = os.path.join(running.plugin_dir, SOCKET)
-    with grpc.insecure_channel(f"unix://{path}") as channel:
-        stub = pb_grpc.DevicePluginStub(channel)
-        streams = [stub.ListAndWatch(pb.Empty(), timeout=WAIT_S) for _ in range(40)]
+    # (A channel of its own is not enough: channels to one address share a
+    # connection unless each has a subchannel pool of its own.)
+    channels = [grpc.insecure_channel(f"unix://{path}", options=kdp.CHANNEL_OPTIONS) for _ in range(40)]
+    try:
+        streams = [pb_grpc.DevicePluginStub(c).ListAndWatch(pb.Empty(), timeout=WAIT_S) for c in channels]
         served = refused = 0
         for stream in streams:
             try:
@@ -132,6 +136,9 @@ def test_streams_opened_next_to_the_kubelets_are_capped_too(running):
                 refused += 1
         for stream in streams:
             stream.cancel()
+    finally:
+        for channel in channels:
+            channel.close()
     # Four for other clients, and at most two more next to the kubelet's.
     assert served <= 4 + 2 and refused >= 34, (served, refused)
     assert running.kubelet.allocate(kvm, [["kvm1"]]).container_responses

@@ -1050,14 +1050,21 @@ def test_other_clients_streams_are_served_capped_and_change_nothing(served):
             stream.cancel()
             assert kubelet.allocate(resource("kvm"), [["kvm0"]]).container_responses
         time.sleep(kdp.KUBELET_STREAM_GRACE_S)  # past the moments when every stream is let in
-        held = [stub.ListAndWatch(pb.Empty()) for _ in range(kdp.MAX_OTHER_STREAMS)]
+    # Each on a connection of its own: one connection carries only a few streams.
+    channels = [grpc.insecure_channel(f"unix://{socket_path}", options=kdp.CHANNEL_OPTIONS)
+                for _ in range(kdp.MAX_OTHER_STREAMS + 1)]
+    try:
+        held = [pb_grpc.DevicePluginStub(c).ListAndWatch(pb.Empty(), timeout=WAIT_S) for c in channels[:-1]]
         for stream in held:
             next(stream)
         with pytest.raises(grpc.RpcError) as refused:
-            next(stub.ListAndWatch(pb.Empty()))
+            next(pb_grpc.DevicePluginStub(channels[-1]).ListAndWatch(pb.Empty(), timeout=WAIT_S))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         for stream in held:
             stream.cancel()
+    finally:
+        for channel in channels:
+            channel.close()
     # The plugin would re-register at once if those streams' ends counted; a
     # known re-registration of another resource marks when it has had its say.
     os.unlink(plugin_socket(served, "tun"))
@@ -1496,19 +1503,23 @@ def test_the_kubelets_stream_is_served_after_other_clients_opened_next_to_it(env
     env.kubelet = kubelet
     kubelet.start()
     plugin = env.start_plugin("--count", "2", "--devices", "kvm")
+    channels: list[grpc.Channel] = []
     try:
         assert kubelet.wait_for(lambda: kubelet.register_calls >= 1, WAIT_S), plugin.log()
-        with grpc.insecure_channel(f"unix://{plugin_socket(env, 'kvm')}") as channel:
-            stub = pb_grpc.DevicePluginStub(channel)
-            others = [stub.ListAndWatch(pb.Empty()) for _ in range(5)]
-            for stream in others:
-                assert len(next(stream).devices) == 2
-            kubelet.release.set()  # Register returns, the kubelet opens its stream
-            assert kubelet.wait_registered([resource("kvm")], 2), plugin.log()
-            for stream in others:
-                stream.cancel()
+        # Each on a connection of its own: one connection carries only a few streams.
+        channels += [grpc.insecure_channel(f"unix://{plugin_socket(env, 'kvm')}", options=kdp.CHANNEL_OPTIONS)
+                     for _ in range(5)]
+        others = [pb_grpc.DevicePluginStub(c).ListAndWatch(pb.Empty(), timeout=WAIT_S) for c in channels]
+        for stream in others:
+            assert len(next(stream).devices) == 2
+        kubelet.release.set()  # Register returns, the kubelet opens its stream
+        assert kubelet.wait_registered([resource("kvm")], 2), plugin.log()
+        for stream in others:
+            stream.cancel()
     finally:
         kubelet.release.set()
+        for channel in channels:
+            channel.close()
 
 
 # ---------------------------------------------------------------------------
