@@ -766,6 +766,10 @@ def sock_to_all_lists(node: Node, starts: int) -> list[dict[str, Any]]:
             node.wait_registered()
             created = wait_for("kubelet.sock's creation seen by inotify",
                                lambda n=before: watch.times[n] if len(watch.times) > n else None)
+            # wait_registered() waits for kvm's and tun's devices, not for
+            # vhost-net's list (its node may be missing: Unhealthy, not in allocatable).
+            wait_for("every resource's first list in the kubelet's log",
+                     lambda: len(first_lists(kubelet.log())) >= len(DEVICES))
             log = kubelet.log()
             lists = {name.rsplit("/", 1)[1]: round((moment - created) * 1000, 2)
                      for name, moment in first_lists(log).items()}
