@@ -63,7 +63,9 @@ goes to soak-tracemalloc.txt. --runtime measures instead daemonset.yaml's pod
 started in a private containerd (e2e/runtime_harness.py); --kubelet PATH the
 plugin under that real kubelet binary (e2e/kubelet_harness.py, figures in
 docs/real-kubelet.md): kubelet_restart_to_registered_ms,
-unlink_to_kubelet_allocatable_0_ms, kvm_pod_manifest_to_running_ms.
+unlink_to_kubelet_allocatable_0_ms, kvm_pod_manifest_to_running_ms,
+kubelet_sock_to_all_lists_ms (p50/p99/max over 30 kubelet starts) and
+reboot_admitted_fraction_* (simulated reboots, docs/real-kubelet.md "Reboots").
 
 Nothing is asserted: a table, then as the last line one JSON object. Every
 process and directory made is removed even on error; every wait is bounded.

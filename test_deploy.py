@@ -314,7 +314,12 @@ def test_consumer_pod_requests_the_three_devices_unprivileged():
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
     # The plugin, not a hostPath, puts the device nodes into the container.
     assert not any("hostPath" in volume for volume in pod["spec"].get("volumes", []))
-    assert "ls -l /dev/kvm /dev/net/tun /dev/vhost-net" in " ".join(container["command"])
+    script = " ".join(container["command"])
+    assert "ls -l /dev/kvm /dev/net/tun /dev/vhost-net" in script
+    # Admitted before the plugin registered, the container has no devices: it
+    # checks at start and exits 1, and only a restart gets them (e2e/test_reboot.py).
+    assert '[ -c "$node" ] ||' in script and "exit 1" in script
+    assert pod["spec"]["restartPolicy"] in ("OnFailure", "Always")
 
 
 # --- The host-level install: deploy/kvm-device-plugin.service ------------------

@@ -28,25 +28,30 @@ Nothing here asserts: test_kubelet.py and bench_plugin.py --kubelet use it.
 
 from __future__ import annotations
 
+import ctypes
+import datetime
 import fcntl
 import json
 import os
 import re
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
-
 import podresources_pb2 as podres
 import podresources_pb2_grpc as podres_grpc
 import runtime_harness as rh
+
 from fake_kubelet import DEVICE_NODES, free_port, make_device_nodes, mknod
 
 KUBELET_ENV = "KDP_KUBELET"  # the kubelet binary to run
@@ -107,6 +112,85 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = WAIT_S, 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout} s")
         time.sleep(every)
+
+
+# ---------------------------------------------------------------------------
+# When things happened: inotify for kubelet.sock, the kubelet's own log lines
+# ---------------------------------------------------------------------------
+
+IN_CREATE = 0x100
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length; then the name
+
+
+class SocketCreations:
+    """The wall-clock times (time.time()) at which `name` was created in
+    `directory`, seen by inotify in a thread of its own: the socket's ctime
+    has the kernel's coarse clock (jiffies), and polling would be late by its
+    interval. A thread woken late makes a creation look later, never earlier."""
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.name = name.encode()
+        self.times: list[float] = []
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0 or libc.inotify_add_watch(self.fd, directory.encode(), IN_CREATE) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify on {directory}")
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while not self.stopping:
+            if not poller.poll(50):
+                continue
+            now = time.time()
+            data = os.read(self.fd, 65536)
+            offset = 0
+            while offset < len(data):
+                _, mask, _, length = INOTIFY_EVENT.unpack_from(data, offset)
+                name = data[offset + INOTIFY_EVENT.size:offset + INOTIFY_EVENT.size + length].rstrip(b"\0")
+                offset += INOTIFY_EVENT.size + length
+                if mask & IN_CREATE and name == self.name:
+                    self.times.append(now)
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join()
+        os.close(self.fd)
+
+
+# klog: "I0512 10:11:12.123456    1234 file.go:91] message", in local time.
+KLOG_LINE = re.compile(r"^[IWE](\d{4}) (\d\d:\d\d:\d\d\.\d{6})\s+\d+ \S+\] (.*)$", re.MULTILINE)
+
+
+def klog_lines(log: str) -> list[tuple[float, str]]:
+    """(time.time() of the line, its message) for each klog line in `log`."""
+    year = datetime.date.today().year
+    found = []
+    for day, clock, message in KLOG_LINE.findall(log):
+        moment = datetime.datetime.strptime(f"{year}{day} {clock}", "%Y%m%d %H:%M:%S.%f")
+        found.append((moment.timestamp(), message))
+    return found
+
+
+def first_lists(log: str) -> dict[str, float]:
+    """resource -> when the kubelet's device manager logged the first
+    ListAndWatch answer from it ("State pushed for device plugin", V(2), in
+    the kubelet's stream client, right before it hands the list to the
+    device manager's callback that fills the healthy set)."""
+    found: dict[str, float] = {}
+    for moment, message in klog_lines(log):
+        pushed = re.match(r'"State pushed for device plugin" resource="([^"]+)"', message)
+        if pushed and pushed[1] not in found:
+            found[pushed[1]] = moment
+    return found
+
+
+def kubelet_log_time(log: str, message: str) -> float | None:
+    """When the first klog line starting with `message` (quoted) was logged."""
+    return next((moment for moment, text in klog_lines(log) if text.startswith(f'"{message}"')), None)
 
 
 # ---------------------------------------------------------------------------
@@ -418,9 +502,11 @@ class Kubelet:
             raise TimeoutError(f"{e}; its status: {status}\nkubelet log tail:\n{self.log()[-3000:]}") from None
 
     def container_log(self, pod: dict[str, Any], container: str) -> list[str]:
+        """The log of the container's current attempt (<restartCount>.log)."""
         uid = pod["metadata"]["uid"]
         directory = os.path.join(self.pod_logs, f"default_{pod['metadata']['name']}_{uid}", container)
-        return rh.read_log(os.path.join(directory, "0.log"))
+        attempt = container_status(pod, container).get("restartCount") or 0
+        return rh.read_log(os.path.join(directory, f"{attempt}.log"))
 
 
 def container_status(pod: dict[str, Any], container: str) -> dict[str, Any]:
@@ -471,7 +557,8 @@ class Node:
     def kvm_node(self) -> str:
         return os.path.join(self.host_root, DEVICE_NODES["kvm"][0])
 
-    def start_plugin(self) -> None:
+    def start_plugin(self, wait: bool = True) -> None:
+        """Start the plugin; with `wait`, return once it is registered."""
         assert self.kubelet is not None
         self.plugin_log_offset = os.path.getsize(self.plugin_log_path) if os.path.exists(self.plugin_log_path) else 0
         with open(self.plugin_log_path, "ab") as log:
@@ -479,7 +566,8 @@ class Node:
                 [sys.executable, os.path.join(rh.PROJECT, "kvm_device_plugin.py"),
                  "--plugin-dir", self.kubelet.plugin_dir, "--host-root", self.host_root],
                 stdout=log, stderr=log, cwd=rh.PROJECT, start_new_session=True)
-        self.wait_registered()
+        if wait:
+            self.wait_registered()
 
     def wait_registered(self) -> None:
         """Every resource registered in this kubelet process's log, and 110 kvm
@@ -558,10 +646,74 @@ class Node:
                 shutil.rmtree(self.work, ignore_errors=True)
 
 
+    # Reboots ------------------------------------------------------------------
+
+    def shut_down(self) -> None:
+        """What a node's shutdown leaves: the kubelet stopped (first, as
+        systemd stops it before a unit ordered Before= it), then the plugin;
+        every pod sandbox and container gone from containerd, which stays up
+        (it comes up before the kubelet at boot, empty). The kubelet's files
+        are kept: the device manager's checkpoint, a stale kubelet.sock, the
+        static pod manifests, its root directory. The pods' log directories
+        go, so that each boot's container log is its own."""
+        assert self.kubelet is not None and self.containerd is not None and self.containerd.client is not None
+        self.kubelet.stop()
+        self.stop_plugin()
+        client = self.containerd.client
+        for sandbox in client.stub.ListPodSandbox(rh.cri.ListPodSandboxRequest(), timeout=WAIT_S).items:
+            client.remove_sandbox(sandbox.id)
+        for entry in os.listdir(self.kubelet.pod_logs):
+            shutil.rmtree(os.path.join(self.kubelet.pod_logs, entry), ignore_errors=True)
+
+    def boot(self, plugin_late_s: float | None) -> None:
+        """Start the kubelet and the plugin as a booting node does: with
+        `plugin_late_s` None the plugin first and the kubelet right after it
+        (a systemd unit of Type=exec ordered Before=kubelet.service: the
+        kubelet starts once the plugin's process runs), else the kubelet
+        first and the plugin that long after the kubelet's kubelet.sock
+        appeared (a DaemonSet pod: the kubelet starts it)."""
+        assert self.kubelet is not None
+        if plugin_late_s is None:
+            self.start_plugin(wait=False)
+            self.kubelet.start()
+        else:
+            seen = self.kubelet.start()
+            time.sleep(max(0.0, seen + plugin_late_s - time.monotonic()))
+            self.start_plugin(wait=False)
+
+
+# What became of a pod asking for kvm after a boot.
+ADMITTED = "admitted"  # running, /dev/kvm in its container
+REJECTED = "rejected"  # Failed: UnexpectedAdmissionError
+WITHOUT_DEVICE = "admitted without the device"  # running, no /dev/kvm
+KVM_OPENED = "open: ok open /dev/kvm"
+KVM_MISSING = "open: FAILED open /dev/kvm: errno 2 (No such file or directory)"
+
+
+def boot_outcome(kubelet: Kubelet, name: str, timeout: float = WAIT_S) -> tuple[str, dict[str, Any]]:
+    """Wait for pod `name` to be refused or to run its probe of /dev/kvm
+    (pod_spec("/probe open=/dev/kvm")); the outcome and the pod."""
+    def decided(pod: dict[str, Any]) -> bool:
+        if pod.get("status", {}).get("phase") == "Failed":
+            return True
+        if not running(pod):
+            return False
+        lines = kubelet.container_log(pod, "vmm")
+        return KVM_OPENED in lines or KVM_MISSING in lines
+
+    pod = kubelet.wait_pod(name, decided, "refused, or running its probe", timeout)
+    status = pod.get("status", {})
+    if status.get("phase") == "Failed":
+        refused = status.get("reason") == "UnexpectedAdmissionError"
+        return (REJECTED if refused else "failed: " + json.dumps(status)), pod
+    return (ADMITTED if KVM_OPENED in kubelet.container_log(pod, "vmm") else WITHOUT_DEVICE), pod
+
+
 # ---------------------------------------------------------------------------
 # Pods
 # ---------------------------------------------------------------------------
 
+PLUGIN_LATE_S = 1.0  # a DaemonSet plugin after a reboot: the kubelet starts it
 UID = 1000
 NON_ROOT_VMM = {
     "runAsUser": UID,
@@ -595,6 +747,77 @@ def pod_spec(script: str, devices: tuple[str, ...] = ("kvm", "tun")) -> dict[str
 # bench_plugin.py --kubelet
 # ---------------------------------------------------------------------------
 
+def sock_to_all_lists(node: Node, starts: int) -> list[dict[str, Any]]:
+    """`starts` kubelet restarts with the plugin running: for each, from the
+    new kubelet.sock's creation (inotify) to every resource's first list in
+    the kubelet's device manager (its log, microseconds), in ms; with each
+    resource's own figure and the kubelet's "Starting device plugin
+    registration server" line (just before it deletes the sockets and listens)
+    relative to the creation, to tell the clocks apart."""
+    kubelet = node.kubelet
+    assert kubelet is not None
+    runs = []
+    watch = SocketCreations(kubelet.plugin_dir, "kubelet.sock")
+    try:
+        for _ in range(starts):
+            kubelet.stop()
+            before = len(watch.times)
+            kubelet.start()
+            node.wait_registered()
+            created = wait_for("kubelet.sock's creation seen by inotify",
+                               lambda n=before: watch.times[n] if len(watch.times) > n else None)
+            # wait_registered() waits for kvm's and tun's devices, not for
+            # vhost-net's list (its node may be missing: Unhealthy, not in allocatable).
+            wait_for("every resource's first list in the kubelet's log",
+                     lambda: len(first_lists(kubelet.log())) >= len(DEVICES))
+            log = kubelet.log()
+            lists = {name.rsplit("/", 1)[1]: round((moment - created) * 1000, 2)
+                     for name, moment in first_lists(log).items()}
+            server = kubelet_log_time(log, "Starting device plugin registration server")
+            runs.append({"ms": max(lists[n] for n in DEVICES), "lists": lists,
+                         "server_log_ms": round((server - created) * 1000, 2) if server else None,
+                         "wall": created})
+    finally:
+        watch.close()
+    return runs
+
+
+def reboots(node: Node, boots: int, plugin_late_s: float | None, checkpoint: bool = True) -> list[str]:
+    """The static pod `vmm` (kvm, restartPolicy Always) running, then
+    `boots` simulated reboots (Node.shut_down, the checkpoint removed unless
+    `checkpoint`, Node.boot): the outcome of each for the pod. Between boots
+    the plugin is let register, as on a node that ran a while."""
+    kubelet = node.kubelet
+    assert kubelet is not None
+    spec = pod_spec("/probe open=/dev/kvm", devices=("kvm",))
+    spec["restartPolicy"] = "Always"
+    # A static pod's UID is its manifest's hash: one of its own per series,
+    # or the kubelet would take it for the last series' (Failed) pod.
+    spec["containers"][0]["env"] = [{"name": "SERIES", "value": os.urandom(4).hex()}]
+    kubelet.add_pod("vmm", spec)
+    outcomes = []
+    try:
+        outcome, _ = boot_outcome(kubelet, "vmm")
+        if outcome != ADMITTED:
+            raise RuntimeError(f"vmm before any reboot: {outcome}\n{kubelet.log()[-3000:]}")
+        for _ in range(boots):
+            node.shut_down()
+            if not checkpoint:
+                os.unlink(kubelet.checkpoint)
+            node.boot(plugin_late_s)
+            outcomes.append(boot_outcome(kubelet, "vmm")[0])
+            node.wait_registered()
+    finally:
+        kubelet.remove_pod("vmm")
+        wait_for("pod vmm gone", lambda: kubelet.pod("vmm") is None)
+    return outcomes
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
 def bench_main(binary: str, quick: bool) -> int:
     """Medians of several runs, a table, then one JSON object as the last line."""
     import statistics
@@ -607,6 +830,8 @@ def bench_main(binary: str, quick: bool) -> int:
         print(f"bench --kubelet: {missing or 'no /dev/kvm'}", file=sys.stderr)
         return 1
     runs = 3 if quick else 7
+    starts = 10 if quick else 30  # kubelet starts for kubelet_sock_to_all_lists_ms
+    boots, silent_boots = (3, 2) if quick else (10, 5)
     figures: dict[str, list[float]] = {"kubelet_restart_to_registered_ms": [],
                                        "unlink_to_kubelet_allocatable_0_ms": [],
                                        "kvm_pod_manifest_to_running_ms": []}
@@ -639,6 +864,10 @@ def bench_main(binary: str, quick: bool) -> int:
             figures["kvm_pod_manifest_to_running_ms"].append(round((time.monotonic() - written) * 1000, 1))
             kubelet.remove_pod(name)
             wait_for(f"pod {name} gone", lambda gone=name: kubelet.pod(gone) is None)
+        sock_runs = sock_to_all_lists(node, starts)
+        outcomes = {"plugin_first": reboots(node, boots, None),
+                    "plugin_late": reboots(node, boots, PLUGIN_LATE_S),
+                    "no_checkpoint_plugin_late": reboots(node, silent_boots, PLUGIN_LATE_S, checkpoint=False)}
     finally:
         node.stop()
     version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30,
@@ -649,5 +878,20 @@ def bench_main(binary: str, quick: bool) -> int:
     for key, values in figures.items():
         print(f"{key:<36} {statistics.median(values):>8.1f} {min(values):>8.1f} {max(values):>8.1f}  {values}")
         results[key] = round(statistics.median(values), 2)
+    sock_ms = [run["ms"] for run in sock_runs]
+    print(f"kubelet_sock_to_all_lists_ms over {len(sock_ms)} kubelet starts: "
+          f"p50 {percentile(sock_ms, 0.5):.1f} p99 {percentile(sock_ms, 0.99):.1f} max {max(sock_ms):.1f}")
+    print(f"  each: {sorted(sock_ms)}")
+    for run in sorted(sock_runs, key=lambda r: -r["ms"])[:5]:
+        wall = time.strftime("%H:%M:%S", time.gmtime(run["wall"])) + f".{int(run['wall'] % 1 * 1000):03d}Z"
+        print(f"  slowest: {run['ms']:.1f} ms, per resource {run['lists']}, the kubelet's 'Starting device "
+              f"plugin registration server' at {run['server_log_ms']} ms; kubelet.sock made at {wall}")
+    results["kubelet_sock_to_all_lists_ms_p50"] = percentile(sock_ms, 0.5)
+    results["kubelet_sock_to_all_lists_ms_p99"] = percentile(sock_ms, 0.99)
+    results["kubelet_sock_to_all_lists_ms_max"] = max(sock_ms)
+    for ordering, seen in outcomes.items():
+        admitted = seen.count(ADMITTED)
+        print(f"reboot_admitted_fraction_{ordering}: {admitted}/{len(seen)}  {seen}")
+        results[f"reboot_admitted_fraction_{ordering}"] = round(admitted / len(seen), 2)
     print(json.dumps(results), flush=True)
     return 0
