@@ -1099,8 +1099,11 @@ def plugin_socket_name(device: str) -> str:
     return f"kvm-device-plugin-{device}.sock"
 
 
-# A server binds "<socket>.<6 random hex digits>" first and renames it into
-# place (see restart_server), so the bound path is this many bytes longer.
+# Each server binds "<SPARE_DIR>/<device>.<6 random hex digits>" and is
+# hard-linked to its socket name when a registration needs it (see
+# KubeletLink.make_spare); that name goes through "<socket>.<6 hex digits>"
+# when something is in the way, so it must fit this many bytes longer.
+SPARE_DIR = ".kvm-device-plugin"
 BIND_SUFFIX_BYTES = 7
 URI_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/-._~")
 
@@ -1141,15 +1144,16 @@ class PinnedFile:
     Holding the file keeps its inode, and so its number, taken.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, path: str, fd: int) -> None:
         st = os.fstat(fd)
+        self.path = path  # where it was pinned
         self.fd = fd
         self.key: tuple[int, int] | None = (st.st_dev, st.st_ino)
 
     @classmethod
     def at(cls, path: str) -> PinnedFile | None:
         try:
-            return cls(os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC))
+            return cls(path, os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC))
         except OSError:
             return None
 
@@ -1166,11 +1170,21 @@ class PinnedFile:
             self.key = None
 
 
+class Spare(NamedTuple):
+    """A server bound and starting (or started) ahead of the registration that
+    will need it."""
+    server: grpc.aio.Server
+    path: str
+    started: asyncio.Future
+
+
 class KubeletLink:
     def __init__(self, service: DeviceService, plugin_dir: str) -> None:
         self.service = service
         service.admit_stream = self.admit_stream
         self.socket_path = os.path.join(plugin_dir, plugin_socket_name(service.kind.name))
+        self.spare_dir = os.path.join(plugin_dir, SPARE_DIR)
+        self.spare: Spare | None = None
         self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET)
         self.wake: Callable[[], None] = lambda: None  # the lifecycle loop's
         self.server: grpc.aio.Server | None = None
@@ -1181,8 +1195,8 @@ class KubeletLink:
         self.kubelet: PinnedFile | None = None  # the kubelet.sock registered, or registering, with
         self.registered_at: float | None = None  # when Register with it returned
         self.registration: asyncio.Task | None = None
-        self.registration_started = 0.0
         self.outage_started: float | None = None  # when registering became necessary
+        self.registration_started = 0.0
         self.registrations = 0  # successful Register calls
 
     # -- what the lifecycle loop and the probes ask -------------------------------
@@ -1197,12 +1211,9 @@ class KubeletLink:
     def reconcile(self, kubelet: PinnedFile | None) -> None:
         """Register with `kubelet` (the kubelet.sock there now) unless done or under way."""
         reason = self.reason_to_register(kubelet)
-        if kubelet is None and not self.registering() and not self.socket_intact():
-            # No kubelet.sock: a kubelet starting (it deleted every socket) or
-            # not there yet. A fresh server now leaves only Register to do
-            # when it listens: it admits the pods it has ~100 ms later, and a
-            # resource whose first list has not arrived by then fails them.
-            self.registration = asyncio.create_task(self._serve_ahead())
+        if self.spare is None and not self.registering():
+            with contextlib.suppress(OSError):  # registering will try again and say why
+                self.spare = self.make_spare()
         if reason is None or kubelet is None:
             return
         if self.registration is not None and self.registering():
@@ -1290,19 +1301,23 @@ class KubeletLink:
 
     # -- the server and its socket ----------------------------------------------------
 
-    async def restart_server(self) -> None:
-        """Stop the old server, then serve afresh on the same path.
+    def make_spare(self) -> Spare:
+        """A fresh server, bound and starting, for the next registration.
 
-        A stopping gRPC server deletes the file at the path it bound, maybe
-        long after stop() (see stop_server), and binding replaces a live
-        socket. So each server binds a random name of its own (none that a
-        neighbour could plant a file at in advance) and is renamed into place.
-        Stopping first ends the old stream before the new registration, as
-        kubelets up to at least 1.36 need (the old connection's end could
-        tear down the new one).
+        A starting kubelet admits the pods it already has about 100 ms after
+        it listens, and fails those whose resource has not sent its first
+        list by then; building a gRPC server takes 12-16 ms a resource while
+        the kubelet keeps both cores busy. So the next server is made ahead,
+        in a directory of ours inside the kubelet's: kubelets delete every
+        file (up to 1.32) or every socket (1.33 on) there when they start,
+        but no directory. Its name is random, so that no one can plant a file
+        at every name it might use.
         """
-        await self.stop_server(grace=None)
-        bind_path = f"{self.socket_path}.{os.urandom(3).hex()}"
+        try:
+            os.makedirs(self.spare_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot make {self.spare_dir}: {e.strerror}") from None
+        path = os.path.join(self.spare_dir, f"{self.service.kind.name}.{os.urandom(3).hex()}")
         # A request holds device IDs, a few bytes each and never more than
         # count of them. gRPC's default limit (4 MiB) lets any client have us
         # decode 500,000 container requests: 0.5 s on the loop and 70 MB of
@@ -1322,27 +1337,50 @@ class KubeletLink:
         ])
         server.add_generic_rpc_handlers((device_plugin_service(self.service),))
         try:
-            server.add_insecure_port(grpc_unix_target(bind_path))  # binds the path now
+            server.add_insecure_port(grpc_unix_target(path))  # binds the path now
         except RuntimeError:
-            problem = bind_problem(bind_path)
-            raise OSError(f"cannot bind a socket next to {self.socket_path}: {problem}") from None
-        # Held before start(): a registration cancelled while it starts must
-        # leave a server that the next stop_server() stops, not an orphan.
-        self.server = server
-        await server.start()
-        self.socket = PinnedFile.at(bind_path)
-        self.take_socket_path(bind_path)
+            problem = bind_problem(path)
+            raise OSError(f"cannot bind a socket in {self.spare_dir}: {problem}") from None
+        return Spare(server, path, asyncio.ensure_future(server.start()))
 
-    def take_socket_path(self, bind_path: str) -> None:
-        """Rename the bound socket to our name over whatever is there: a killed
-        run's socket, a file, an empty directory (what a hostPath mount of a
-        missing file leaves). A directory with something in it is not ours."""
+    async def restart_server(self) -> None:
+        """Stop the old server, then serve the spare at our socket's name.
+
+        Stopping first ends the old stream before the new registration, as
+        kubelets up to at least 1.36 need (the old connection's end could
+        tear down the new one). A stopping gRPC server deletes the file at
+        the path it bound, maybe long after stop() (see stop_server): that is
+        the spare's own name, never the socket name the kubelet dials.
+        """
+        await self.stop_server(grace=None)
+        spare, self.spare = self.spare, None
+        if spare is None:
+            spare = self.make_spare()
+        # Held before the start is awaited: a registration cancelled meanwhile
+        # leaves a server that the next stop_server() stops, not an orphan.
+        self.server = spare.server
+        await asyncio.shield(spare.started)
+        self.socket = PinnedFile.at(spare.path)
+        self.take_socket_path(spare.path)
+
+    def take_socket_path(self, spare_path: str) -> None:
+        """Hard-link the spare to our socket name, over whatever is there: a
+        killed run's socket, a file, an empty directory (what a hostPath mount
+        of a missing file leaves). A directory with something in it is not
+        ours."""
         try:
             try:
-                os.rename(bind_path, self.socket_path)
-            except IsADirectoryError:
-                os.rmdir(self.socket_path)
-                os.rename(bind_path, self.socket_path)
+                os.link(spare_path, self.socket_path)  # the usual case: a kubelet deleted ours
+            except FileExistsError:
+                temporary = f"{self.socket_path}.{os.urandom(3).hex()}"
+                os.link(spare_path, temporary)
+                try:
+                    if os.path.isdir(self.socket_path) and not os.path.islink(self.socket_path):
+                        os.rmdir(self.socket_path)
+                    os.rename(temporary, self.socket_path)  # in one step: never no socket there
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temporary)
         except OSError as e:
             raise OSError(f"cannot put a socket at {self.socket_path}: {e.strerror}") from None
 
@@ -1360,19 +1398,20 @@ class KubeletLink:
         self.awaiting_kubelet_stream = False
         socket_file, self.socket = self.socket, None
         if socket_file is not None:
-            if socket_file.is_at(self.socket_path):  # the server deletes only its bind path
-                try:
-                    os.unlink(self.socket_path)
-                except OSError as e:  # gone already, or a read-only directory: stop anyway
-                    if e.errno != errno.ENOENT:
-                        log.warning("%s: cannot remove %s: %s",
-                                    self.service.resource_name, self.socket_path, e.strerror)
+            # Both of its names, if they are still its own: the server would
+            # remove its bound name only when it has finished stopping.
+            for path in (self.socket_path, socket_file.path):
+                if socket_file.is_at(path):
+                    try:
+                        os.unlink(path)
+                    except OSError as e:  # gone already, or a read-only directory: stop anyway
+                        if e.errno != errno.ENOENT:
+                            log.warning("%s: cannot remove %s: %s",
+                                        self.service.resource_name, path, e.strerror)
             socket_file.close()
         if server is None:
             return
-        stopping = asyncio.ensure_future(server.stop(grace))
-        self.servers_stopping.add(stopping)
-        stopping.add_done_callback(self.servers_stopping.discard)
+        stopping = self.stop_in_background(server, grace)
         if grace is not None:
             await asyncio.wait([stopping], timeout=grace + STOP_TIMEOUT_S)
         elif kubelet_stream is not None:
@@ -1385,11 +1424,13 @@ class KubeletLink:
             finally:
                 ended.cancel()
 
-    # -- registration -------------------------------------------------------------------
+    def stop_in_background(self, server: grpc.aio.Server, grace: float | None) -> asyncio.Future:
+        stopping = asyncio.ensure_future(server.stop(grace))
+        self.servers_stopping.add(stopping)
+        stopping.add_done_callback(self.servers_stopping.discard)
+        return stopping
 
-    async def _serve_ahead(self) -> None:
-        with contextlib.suppress(OSError, RuntimeError):  # registering will try again and say why
-            await self.restart_server()
+    # -- registration -------------------------------------------------------------------
 
     async def _register(self, kubelet: PinnedFile, pause: float) -> None:
         name = self.service.resource_name
@@ -1467,7 +1508,14 @@ class KubeletLink:
         if self.registration is not None:
             self.registration.cancel()
         self.service.stop_streams()
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(spare.path)
+            await asyncio.wait([self.stop_in_background(spare.server, 0)], timeout=STOP_TIMEOUT_S)
         await self.stop_server(grace=SHUTDOWN_GRACE_S)
+        with contextlib.suppress(OSError):  # the last resource's shutdown removes it
+            os.rmdir(self.spare_dir)
 
 
 # ---------------------------------------------------------------------------

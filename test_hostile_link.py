@@ -56,12 +56,14 @@ def test_a_directory_with_content_at_the_socket_name_is_reported_once_and_left_a
     assert env.kubelet.wait_registered([resource("tun"), resource("vhost-net")], 3), plugin.log()
     plugin.wait_log(rf"kvm: registration with .* failed \(cannot put a socket at {re.escape(planted)}: "
                     r"Directory not empty\)")
-    # Retries go on at one a second, each bound under a new name that stays
-    # until the next: wait for four of them, and the cause is still said once.
+    # Retries go on at one a second, each with a new server bound under a
+    # name of its own that stays until the next: wait for four of them, and
+    # the cause is still said once.
     deadline = time.monotonic() + WAIT_S
-    seen = set()
+    seen: set[str] = set()
+    spares = os.path.join(env.plugin_dir, ".kvm-device-plugin")
     while len(seen) < 4 and time.monotonic() < deadline:
-        seen |= {e.name for e in os.scandir(env.plugin_dir) if e.name.startswith(SOCKET + ".")}
+        seen |= {e.name for e in os.scandir(spares) if e.name.startswith("kvm.")}
         time.sleep(0.005)
     assert len(seen) >= 4, seen
     assert len(log_lines(plugin, "kvm: registration with")) == 1, plugin.log()
@@ -245,7 +247,7 @@ def test_a_plugin_dir_out_of_inodes_is_reported_once_with_the_real_cause(small_t
         except OSError:
             break
     plugin = env.start_plugin("--count", "3", "--devices", "kvm")
-    plugin.wait_log(r"kvm: registration with .* failed \(cannot bind a socket next to \S+: "
+    plugin.wait_log(r"kvm: registration with .* failed \((cannot bind a socket in|cannot make) \S+: "
                     r"No space left on device\)")
     time.sleep(3.5)  # three more tries at one a second
     assert len(log_lines(plugin, "registration with")) == 1, plugin.log()
