@@ -1473,6 +1473,9 @@ class KubeletLink:
                     log.warning("%s: registration with %s failed (%s); retrying every %.0f s at most",
                                 name, self.kubelet_socket, error, RETRY_MAX_S, exc_info=unexpected)
                     logged_cause = cause
+                if self.spare is None:  # while waiting anyway: the next try, or the next kubelet's
+                    with contextlib.suppress(OSError):
+                        self.spare = self.make_spare()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
             now = time.monotonic()
