@@ -1178,128 +1178,26 @@ class Spare(NamedTuple):
     started: asyncio.Future
 
 
-class KubeletLink:
+class PluginServer:
+    """The resource's gRPC server at its socket's name in the kubelet's
+    directory, the spare that will replace it, and old ones still stopping."""
+
     def __init__(self, service: DeviceService, plugin_dir: str) -> None:
         self.service = service
-        service.admit_stream = self.admit_stream
         self.socket_path = os.path.join(plugin_dir, plugin_socket_name(service.kind.name))
         self.spare_dir = os.path.join(plugin_dir, SPARE_DIR)
-        self.spare: Spare | None = None
-        self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET)
-        self.wake: Callable[[], None] = lambda: None  # the lifecycle loop's
         self.server: grpc.aio.Server | None = None
         self.socket: PinnedFile | None = None  # the socket file the server is at
-        self.servers_stopping: set[asyncio.Future] = set()  # stops still finishing
-        self.awaiting_kubelet_stream = False  # Register sent on the current server
-        self.kubelet_stream: ListAndWatchStream | None = None
-        self.kubelet: PinnedFile | None = None  # the kubelet.sock registered, or registering, with
-        self.registered_at: float | None = None  # when Register with it returned
-        self.registration: asyncio.Task | None = None
-        self.outage_started: float | None = None  # when registering became necessary
-        self.registration_started = 0.0
-        self.registrations = 0  # successful Register calls
+        self.spare: Spare | None = None
+        self.stopping: set[asyncio.Future] = set()  # stops still finishing
 
-    # -- what the lifecycle loop and the probes ask -------------------------------
-
-    def registering(self) -> bool:
-        return self.registration is not None and not self.registration.done()
-
-    def is_registered_with(self, kubelet: PinnedFile | None) -> bool:
-        return (kubelet is not None and kubelet is self.kubelet and self.registered_at is not None
-                and self.kubelet_stream is not None and not self.kubelet_stream.ended.is_set())
-
-    def reconcile(self, kubelet: PinnedFile | None) -> None:
-        """Register with `kubelet` (the kubelet.sock there now) unless done or under way."""
-        reason = self.reason_to_register(kubelet)
-        if self.spare is None and not self.registering():
-            with contextlib.suppress(OSError):  # registering will try again and say why
-                self.spare = self.make_spare()
-        if reason is None or kubelet is None:
-            return
-        if self.registration is not None and self.registering():
-            # A Register to a kubelet that is going away can hang for its 10 s
-            # dial-back; the new kubelet must not wait for that.
-            self.registration.cancel()
-        now = time.monotonic()
-        if self.outage_started is None:
-            self.outage_started = now
-        if self.registrations:
-            log.info("%s: registering again: %s", self.service.resource_name, reason)
-        # A kubelet (the same one: a new one is always served at once) that
-        # ends every stream right after registering would otherwise have us
-        # register again at full speed, forever.
-        refused = (kubelet is self.kubelet and self.kubelet_stream is not None
-                   and self.kubelet_stream.ended.is_set() and self.registered_at is not None
-                   and now - self.registered_at < STREAM_MIN_LIFE_S)
-        self.kubelet, self.registered_at = kubelet, None
-        self.registration_started = now
-        self.registration = asyncio.create_task(self._register(kubelet, RETRY_MAX_S if refused else 0.0))
-
-    def reason_to_register(self, kubelet: PinnedFile | None) -> str | None:
-        if kubelet is None:
-            return None
-        if kubelet is not self.kubelet:
-            return "not registered yet" if self.kubelet is None else "kubelet.sock was re-created"
-        if self.registered_at is None:
-            return None if self.registering() else "not registered yet"
-        if not self.socket_intact():
-            return "plugin socket was deleted"
-        if self.kubelet_stream is None:
-            if time.monotonic() - self.registered_at > STREAM_EXPECTED_WITHIN_S:
-                return f"kubelet opened no ListAndWatch stream within {STREAM_EXPECTED_WITHIN_S:.0f} s"
-        elif self.kubelet_stream.ended.is_set():
-            return "kubelet ended the ListAndWatch stream"
-        return None
-
-    def socket_intact(self) -> bool:
+    def intact(self) -> bool:
         return self.socket is not None and self.socket.is_at(self.socket_path)
 
-    def admit_stream(self, stream: ListAndWatchStream) -> bool:
-        """The kubelet's stream is the first ListAndWatch on the current server
-        after Register was sent: no peer credentials reach a gRPC handler, so
-        this is a guess. It errs on the safe side (another client that wins
-        the race and drops its stream costs one more registration), and a few
-        streams opened close to it get past the cap of other clients' streams,
-        in case the kubelet's came second."""
-        if self.awaiting_kubelet_stream and self.kubelet_stream is None:
-            stream.from_kubelet = True
-            self.kubelet_stream = stream
-            return True
-        others = [s for s in self.service.streams if not s.from_kubelet]
-        if len(others) < MAX_OTHER_STREAMS:
-            return True
-        first = self.kubelet_stream
-        if (first is None or stream.opened_at - first.opened_at > KUBELET_STREAM_GRACE_S
-                or sum(s.past_cap for s in others) >= KUBELET_STREAM_GRACE_STREAMS):
-            return False
-        stream.past_cap = True
-        return True
-
-    async def liveness_problem(self) -> str | None:
-        name = self.service.resource_name
-        pending = time.monotonic() - self.registration_started
-        if self.registering() and pending > REGISTRATION_OVERDUE_S:
-            return f"{name}: registration under way for {pending:.0f} s"
-        if len(self.servers_stopping) > MAX_SERVERS_STOPPING:
-            return (f"{name}: {len(self.servers_stopping)} old gRPC servers cannot finish stopping "
-                    "(clients that stopped reading hold them)")
-        server = self.server
-        if not self.socket_intact():
-            return None  # between servers: the lifecycle loop is on it
-        try:
-            async with grpc.aio.insecure_channel(
-                grpc_unix_target(self.socket_path), options=CHANNEL_OPTIONS
-            ) as channel:
-                await pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
-                    pb.Empty(), timeout=SELF_CHECK_TIMEOUT_S
-                )
-        except grpc.aio.AioRpcError as e:
-            if self.server is not server or not self.socket_intact():
-                return None  # a kubelet restart deleted the socket meanwhile: no flapping
-            return f"{name}: server does not answer ({e.code().name})"
-        return None
-
-    # -- the server and its socket ----------------------------------------------------
+    def prepare_spare(self) -> None:
+        if self.spare is None:
+            with contextlib.suppress(OSError):  # registering will try again and say why
+                self.spare = self.make_spare()
 
     def make_spare(self) -> Spare:
         """A fresh server, bound and starting, for the next registration.
@@ -1343,21 +1241,21 @@ class KubeletLink:
             raise OSError(f"cannot bind a socket in {self.spare_dir}: {problem}") from None
         return Spare(server, path, asyncio.ensure_future(server.start()))
 
-    async def restart_server(self) -> None:
+    async def restart(self, old_stream_ended: asyncio.Event | None) -> None:
         """Stop the old server, then serve the spare at our socket's name.
 
         Stopping first ends the old stream before the new registration, as
         kubelets up to at least 1.36 need (the old connection's end could
         tear down the new one). A stopping gRPC server deletes the file at
-        the path it bound, maybe long after stop() (see stop_server): that is
-        the spare's own name, never the socket name the kubelet dials.
+        the path it bound, maybe long after stop() (see stop): that is the
+        spare's own name, never the socket name the kubelet dials.
         """
-        await self.stop_server(grace=None)
+        await self.stop(None, old_stream_ended)
         spare, self.spare = self.spare, None
         if spare is None:
             spare = self.make_spare()
         # Held before the start is awaited: a registration cancelled meanwhile
-        # leaves a server that the next stop_server() stops, not an orphan.
+        # leaves a server that the next stop() stops, not an orphan.
         self.server = spare.server
         await asyncio.shield(spare.started)
         self.socket = PinnedFile.at(spare.path)
@@ -1384,7 +1282,7 @@ class KubeletLink:
         except OSError as e:
             raise OSError(f"cannot put a socket at {self.socket_path}: {e.strerror}") from None
 
-    async def stop_server(self, grace: float | None) -> None:
+    async def stop(self, grace: float | None, old_stream_ended: asyncio.Event | None) -> None:
         """Stop the current server, waiting only for what must end first.
 
         gRPC's stop() waits for every call, and a call whose reader stopped
@@ -1394,8 +1292,6 @@ class KubeletLink:
         stop finishes in the background.
         """
         server, self.server = self.server, None
-        kubelet_stream, self.kubelet_stream = self.kubelet_stream, None
-        self.awaiting_kubelet_stream = False
         socket_file, self.socket = self.socket, None
         if socket_file is not None:
             # Both of its names, if they are still its own: the server would
@@ -1414,11 +1310,11 @@ class KubeletLink:
         stopping = self.stop_in_background(server, grace)
         if grace is not None:
             await asyncio.wait([stopping], timeout=grace + STOP_TIMEOUT_S)
-        elif kubelet_stream is not None:
+        elif old_stream_ended is not None:
             # Not wait_for(): before Python 3.12 it can swallow a cancellation
             # that comes as the stream ends, and a cancelled registration would
             # then go on beside its successor, on the same server.
-            ended = asyncio.ensure_future(kubelet_stream.ended.wait())
+            ended = asyncio.ensure_future(old_stream_ended.wait())
             try:
                 await asyncio.wait([ended], timeout=STOP_TIMEOUT_S)
             finally:
@@ -1426,9 +1322,143 @@ class KubeletLink:
 
     def stop_in_background(self, server: grpc.aio.Server, grace: float | None) -> asyncio.Future:
         stopping = asyncio.ensure_future(server.stop(grace))
-        self.servers_stopping.add(stopping)
-        stopping.add_done_callback(self.servers_stopping.discard)
+        self.stopping.add(stopping)
+        stopping.add_done_callback(self.stopping.discard)
         return stopping
+
+    async def close(self) -> None:
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(spare.path)
+            await asyncio.wait([self.stop_in_background(spare.server, 0)], timeout=STOP_TIMEOUT_S)
+        await self.stop(SHUTDOWN_GRACE_S, None)
+        with contextlib.suppress(OSError):  # the last resource's close removes it
+            os.rmdir(self.spare_dir)
+
+    async def problem(self) -> str | None:
+        """Why the server is not alive, or None."""
+        name = self.service.resource_name
+        if len(self.stopping) > MAX_SERVERS_STOPPING:
+            return (f"{name}: {len(self.stopping)} old gRPC servers cannot finish stopping "
+                    "(clients that stopped reading hold them)")
+        server = self.server
+        if not self.intact():
+            return None  # between servers: the lifecycle loop is on it
+        try:
+            async with grpc.aio.insecure_channel(
+                grpc_unix_target(self.socket_path), options=CHANNEL_OPTIONS
+            ) as channel:
+                await pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
+                    pb.Empty(), timeout=SELF_CHECK_TIMEOUT_S
+                )
+        except grpc.aio.AioRpcError as e:
+            if self.server is not server or not self.intact():
+                return None  # a kubelet restart deleted the socket meanwhile: no flapping
+            return f"{name}: server does not answer ({e.code().name})"
+        return None
+
+
+class KubeletLink:
+    def __init__(self, service: DeviceService, plugin_dir: str) -> None:
+        self.service = service
+        service.admit_stream = self.admit_stream
+        self.server = PluginServer(service, plugin_dir)
+        self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET)
+        self.wake: Callable[[], None] = lambda: None  # the lifecycle loop's
+        self.awaiting_kubelet_stream = False  # Register sent on the current server
+        self.kubelet_stream: ListAndWatchStream | None = None
+        self.kubelet: PinnedFile | None = None  # the kubelet.sock registered, or registering, with
+        self.registered_at: float | None = None  # when Register with it returned
+        self.registration: asyncio.Task | None = None
+        self.outage_started: float | None = None  # when registering became necessary
+        self.registration_started = 0.0
+        self.registrations = 0  # successful Register calls
+
+    # -- what the lifecycle loop and the probes ask -------------------------------
+
+    def registering(self) -> bool:
+        return self.registration is not None and not self.registration.done()
+
+    def is_registered_with(self, kubelet: PinnedFile | None) -> bool:
+        return (kubelet is not None and kubelet is self.kubelet and self.registered_at is not None
+                and self.kubelet_stream is not None and not self.kubelet_stream.ended.is_set())
+
+    def reconcile(self, kubelet: PinnedFile | None) -> None:
+        """Register with `kubelet` (the kubelet.sock there now) unless done or under way."""
+        reason = self.reason_to_register(kubelet)
+        if not self.registering():
+            self.server.prepare_spare()
+        if reason is None or kubelet is None:
+            return
+        if self.registration is not None and self.registering():
+            # A Register to a kubelet that is going away can hang for its 10 s
+            # dial-back; the new kubelet must not wait for that.
+            self.registration.cancel()
+        now = time.monotonic()
+        if self.outage_started is None:
+            self.outage_started = now
+        if self.registrations:
+            log.info("%s: registering again: %s", self.service.resource_name, reason)
+        # A kubelet (the same one: a new one is always served at once) that
+        # ends every stream right after registering would otherwise have us
+        # register again at full speed, forever.
+        refused = (kubelet is self.kubelet and self.kubelet_stream is not None
+                   and self.kubelet_stream.ended.is_set() and self.registered_at is not None
+                   and now - self.registered_at < STREAM_MIN_LIFE_S)
+        self.kubelet, self.registered_at = kubelet, None
+        self.registration_started = now
+        self.registration = asyncio.create_task(self._register(kubelet, RETRY_MAX_S if refused else 0.0))
+
+    def reason_to_register(self, kubelet: PinnedFile | None) -> str | None:
+        if kubelet is None:
+            return None
+        if kubelet is not self.kubelet:
+            return "not registered yet" if self.kubelet is None else "kubelet.sock was re-created"
+        if self.registered_at is None:
+            return None if self.registering() else "not registered yet"
+        if not self.server.intact():
+            return "plugin socket was deleted"
+        if self.kubelet_stream is None:
+            if time.monotonic() - self.registered_at > STREAM_EXPECTED_WITHIN_S:
+                return f"kubelet opened no ListAndWatch stream within {STREAM_EXPECTED_WITHIN_S:.0f} s"
+        elif self.kubelet_stream.ended.is_set():
+            return "kubelet ended the ListAndWatch stream"
+        return None
+
+    def admit_stream(self, stream: ListAndWatchStream) -> bool:
+        """The kubelet's stream is the first ListAndWatch on the current server
+        after Register was sent: no peer credentials reach a gRPC handler, so
+        this is a guess. It errs on the safe side (another client that wins
+        the race and drops its stream costs one more registration), and a few
+        streams opened close to it get past the cap of other clients' streams,
+        in case the kubelet's came second."""
+        if self.awaiting_kubelet_stream and self.kubelet_stream is None:
+            stream.from_kubelet = True
+            self.kubelet_stream = stream
+            return True
+        others = [s for s in self.service.streams if not s.from_kubelet]
+        if len(others) < MAX_OTHER_STREAMS:
+            return True
+        first = self.kubelet_stream
+        if (first is None or stream.opened_at - first.opened_at > KUBELET_STREAM_GRACE_S
+                or sum(s.past_cap for s in others) >= KUBELET_STREAM_GRACE_STREAMS):
+            return False
+        stream.past_cap = True
+        return True
+
+    async def liveness_problem(self) -> str | None:
+        pending = time.monotonic() - self.registration_started
+        if self.registering() and pending > REGISTRATION_OVERDUE_S:
+            return f"{self.service.resource_name}: registration under way for {pending:.0f} s"
+        return await self.server.problem()
+
+    async def restart_server(self) -> None:
+        """A fresh server for a new registration: the old one's kubelet stream
+        is no longer the kubelet's."""
+        old_stream, self.kubelet_stream = self.kubelet_stream, None
+        self.awaiting_kubelet_stream = False
+        await self.server.restart(old_stream.ended if old_stream is not None else None)
 
     # -- registration -------------------------------------------------------------------
 
@@ -1436,7 +1466,7 @@ class KubeletLink:
         name = self.service.resource_name
         delay = RETRY_FIRST_S
         logged_cause = ""
-        served = self.socket_intact() and not self.awaiting_kubelet_stream  # no Register sent on it yet
+        served = self.server.intact() and not self.awaiting_kubelet_stream  # no Register sent on it yet
         try:
             await asyncio.sleep(pause)
             while True:
@@ -1444,7 +1474,7 @@ class KubeletLink:
                     return  # that kubelet is gone; the lifecycle loop serves the new one
                 unexpected: Exception | None = None
                 try:
-                    if not served or not self.socket_intact():
+                    if not served or not self.server.intact():
                         await self.restart_server()
                         served = True
                     await self._call_register()
@@ -1473,9 +1503,7 @@ class KubeletLink:
                     log.warning("%s: registration with %s failed (%s); retrying every %.0f s at most",
                                 name, self.kubelet_socket, error, RETRY_MAX_S, exc_info=unexpected)
                     logged_cause = cause
-                if self.spare is None:  # while waiting anyway: the next try, or the next kubelet's
-                    with contextlib.suppress(OSError):
-                        self.spare = self.make_spare()
+                self.server.prepare_spare()  # while waiting anyway: for the next try, or kubelet
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
             now = time.monotonic()
@@ -1500,7 +1528,7 @@ class KubeletLink:
             await pb_grpc.RegistrationStub(channel).Register(
                 pb.RegisterRequest(
                     version=API_VERSION,
-                    endpoint=os.path.basename(self.socket_path),  # a bare name inside plugin_dir
+                    endpoint=os.path.basename(self.server.socket_path),  # a bare name inside plugin_dir
                     resource_name=self.service.resource_name,
                     options=PLUGIN_OPTIONS,
                 ),
@@ -1511,14 +1539,7 @@ class KubeletLink:
         if self.registration is not None:
             self.registration.cancel()
         self.service.stop_streams()
-        spare, self.spare = self.spare, None
-        if spare is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(spare.path)
-            await asyncio.wait([self.stop_in_background(spare.server, 0)], timeout=STOP_TIMEOUT_S)
-        await self.stop_server(grace=SHUTDOWN_GRACE_S)
-        with contextlib.suppress(OSError):  # the last resource's shutdown removes it
-            os.rmdir(self.spare_dir)
+        await self.server.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1634,7 +1655,7 @@ class Daemon:
         self.loop_errors_seen: set[tuple] = set()
         watched = [self.kubelet_socket, self.instance.path]
         for link in links:
-            watched += [link.socket_path, link.service.checker.node_path]
+            watched += [link.server.socket_path, link.service.checker.node_path]
             if link.service.cdi is not None:
                 watched.append(link.service.cdi.path)
         self.watcher = DirectoryWatcher(watched, self.wake)
@@ -2192,7 +2213,7 @@ def main(argv: list[str] | None = None) -> int:
             plugin_dir,
         )
         code = await daemon.run()
-        if any(link.servers_stopping for link in links):
+        if any(link.server.stopping for link in links):
             # A server whose peer stopped reading never finishes stopping, and
             # asyncio.run() would wait for gRPC's executor thread forever. The
             # sockets are gone and the kubelet was told: nothing is left to do.
