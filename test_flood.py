@@ -19,6 +19,7 @@ import pytest
 import deviceplugin_pb2 as pb
 import kvm_device_plugin as kdp
 from bench_plugin import Rig, resource, rss_mb
+from test_plugin import settles
 from flood_peers import (
     hold_connections,
     open_connections,
@@ -49,13 +50,6 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def settles(condition, timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_kubelet_registers_and_allocates_while_a_flood_holds_every_connection_it_can(rig):

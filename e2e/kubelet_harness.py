@@ -36,7 +36,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -369,15 +368,7 @@ class Kubelet:
         if self.proc is None:
             return None
         proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                return proc.wait(WAIT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                return None
-        return proc.returncode
+        return rh.stop_process(proc, WAIT_S)
 
     def log(self) -> str:
         """This kubelet process's log (since the last start)."""
@@ -611,15 +602,7 @@ class Node:
         if self.plugin is None:
             return None
         proc, self.plugin = self.plugin, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                return proc.wait(WAIT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                return None
-        return proc.returncode
+        return rh.stop_process(proc, WAIT_S)
 
     def stop(self) -> None:
         """Plugin, kubelet (its namespace and mounts go with it), containerd

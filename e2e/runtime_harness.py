@@ -248,16 +248,18 @@ def _umount(path: str) -> None:
 
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `timeout`; reaped either way."""
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`; reaped either
+    way. Its exit code, or None if it had to be killed."""
     if proc.poll() is not None:
-        return
+        return proc.returncode
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout)
+        return proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+        return None
 
 class Containerd:
     """A private containerd with the CRI plugin, on a socket of its own."""
