@@ -396,9 +396,10 @@ def test_restarts_reregister_once_each_without_leaking(running):
     for restart in range(6, 106):
         kubelet.restart()
         assert kubelet.wait_registered(names, 3, min_registrations=1 + restart), plugin.log()
-    # Flat means no growth with the number of restarts. gRPC's event engine
-    # grows its pool under load and may keep one spare thread a while.
-    assert settles(lambda: plugin.fds() <= fds and plugin.threads() <= threads + 1), \
+    # Flat means no growth with the number of restarts (a leak would be one
+    # per restart or more). gRPC's event engine grows its pool under load and
+    # may keep a spare thread or two a while (10 against 8 seen once in CI).
+    assert settles(lambda: plugin.fds() <= fds and plugin.threads() <= threads + 2), \
         (plugin.fds(), fds, plugin.threads(), threads)
     for name in names:
         # One registration per kubelet: the plugin's own socket deletions do
