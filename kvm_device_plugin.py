@@ -473,17 +473,6 @@ class NodeChecker:
 # socket) can never lead us astray.
 # ---------------------------------------------------------------------------
 
-def file_identity(path: str) -> tuple[int, int, int] | None:
-    """(device, inode, ctime) of a file, or None when it is not there: "the
-    CDI spec I wrote" against one edited or replaced since. (Sockets, which
-    nobody edits, are told apart by PinnedFile.)"""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_ctime_ns)
-
-
 IN_ATTRIB = 0x4
 IN_CLOSE_WRITE = 0x8
 IN_MOVED_FROM = 0x40
