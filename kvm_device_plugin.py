@@ -59,10 +59,12 @@ if __name__ == "__main__":
     # Until the event loop takes the signals over (Daemon.run), a request to
     # stop finds nothing registered yet: exit 0 at once. As PID 1 in a
     # container the default would be to ignore it for the whole grace period;
-    # elsewhere, to die with a signal's exit code. (Not when imported: the
-    # tests' own process keeps its handlers.)
+    # elsewhere, to die with a signal's exit code. os._exit, not sys.exit: an
+    # interpreter torn down in the middle of importing gRPC can hang (seen on
+    # Python 3.13), and there is nothing to clean up yet. (Not when imported:
+    # the tests' own process keeps its handlers.)
     for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(_signum, lambda signum, frame: sys.exit(0))
+        signal.signal(_signum, lambda signum, frame: os._exit(0))
 
 import grpc
 from google.protobuf.message import DecodeError, Message
