@@ -1178,6 +1178,7 @@ class PluginServer:
         self.socket_path = os.path.join(plugin_dir, plugin_socket_name(service.kind.name))
         self.spare_dir = os.path.join(plugin_dir, SPARE_DIR)
         self.server: grpc.aio.Server | None = None
+        self.started: asyncio.Future | None = None  # the server's start()
         self.socket: PinnedFile | None = None  # the socket file the server is at
         self.spare: Spare | None = None
         self.stopping: set[asyncio.Future] = set()  # stops still finishing
@@ -1247,7 +1248,7 @@ class PluginServer:
             spare = self.make_spare()
         # Held before the start is awaited: a registration cancelled meanwhile
         # leaves a server that the next stop() stops, not an orphan.
-        self.server = spare.server
+        self.server, self.started = spare.server, spare.started
         await asyncio.shield(spare.started)
         self.socket = PinnedFile.at(spare.path)
         self.take_socket_path(spare.path)
@@ -1283,6 +1284,7 @@ class PluginServer:
         stop finishes in the background.
         """
         server, self.server = self.server, None
+        started, self.started = self.started, None
         socket_file, self.socket = self.socket, None
         if socket_file is not None:
             # Both of its names, if they are still its own: the server would
@@ -1298,7 +1300,7 @@ class PluginServer:
             socket_file.close()
         if server is None:
             return
-        stopping = self.stop_in_background(server, grace)
+        stopping = self.stop_in_background(server, grace, started)
         if grace is not None:
             await asyncio.wait([stopping], timeout=grace + STOP_TIMEOUT_S)
         elif old_stream_ended is not None:
@@ -1311,8 +1313,15 @@ class PluginServer:
             finally:
                 ended.cancel()
 
-    def stop_in_background(self, server: grpc.aio.Server, grace: float | None) -> asyncio.Future:
-        stopping = asyncio.ensure_future(server.stop(grace))
+    def stop_in_background(self, server: grpc.aio.Server, grace: float | None,
+                           started: asyncio.Future | None) -> asyncio.Future:
+        async def stop() -> None:
+            if started is not None:
+                # Stopping a server whose start() has not finished crashes
+                # gRPC's core (SIGSEGV, seen at SIGTERM during a registration).
+                await asyncio.wait([started])
+            await server.stop(grace)
+        stopping = asyncio.ensure_future(stop())
         self.stopping.add(stopping)
         stopping.add_done_callback(self.stopping.discard)
         return stopping
@@ -1322,7 +1331,8 @@ class PluginServer:
         if spare is not None:
             with contextlib.suppress(OSError):
                 os.unlink(spare.path)
-            await asyncio.wait([self.stop_in_background(spare.server, 0)], timeout=STOP_TIMEOUT_S)
+            await asyncio.wait([self.stop_in_background(spare.server, 0, spare.started)],
+                               timeout=STOP_TIMEOUT_S)
         await self.stop(SHUTDOWN_GRACE_S, None)
         with contextlib.suppress(OSError):  # the last resource's close removes it
             os.rmdir(self.spare_dir)
