@@ -2219,8 +2219,8 @@ def main(argv: list[str] | None = None) -> int:
             # asyncio.run() would wait for gRPC's executor thread forever.
             log.warning("exiting while a gRPC server is still stopping (a client stopped reading)")
         # The sockets are gone and the kubelet was told: nothing is left to do
-        # but tear the interpreter down, and gRPC's core can crash doing that
-        # (SIGSEGV, once, on Python 3.13, with a Register cancelled at SIGTERM).
+        # but tear the interpreter down, gRPC's threads and servers with it,
+        # and that teardown has nothing to add but ways to hang or crash.
         logging.shutdown()
         os._exit(code)
 
