@@ -99,7 +99,8 @@ MAX_CONTAINER_REQUESTS = 8
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 # Since kubelet 1.25 Register waits for the kubelet to dial back (10 s timeout)
-# and call GetDevicePluginOptions; leave room for that and then some.
+# and call GetDevicePluginOptions; leave room for that and then some. (Since
+# 1.35 this deadline also bounds that dial-back: a short one would fail it.)
 REGISTER_TIMEOUT_S = 20.0
 # A kubelet.sock that exists but refuses is usually a kubelet a few
 # milliseconds from listening (bound, not yet listening): retry fast first,
@@ -1162,8 +1163,8 @@ class PinnedFile:
 
 
 class Spare(NamedTuple):
-    """A server bound and starting (or started) ahead of the registration that
-    will need it."""
+    """A gRPC server, the path it bound and its start(): made ahead as the
+    spare, then serving at the socket's name."""
     server: grpc.aio.Server
     path: str
     started: asyncio.Future
@@ -1177,8 +1178,7 @@ class PluginServer:
         self.service = service
         self.socket_path = os.path.join(plugin_dir, plugin_socket_name(service.kind.name))
         self.spare_dir = os.path.join(plugin_dir, SPARE_DIR)
-        self.server: grpc.aio.Server | None = None
-        self.started: asyncio.Future | None = None  # the server's start()
+        self.current: Spare | None = None  # the server at the socket's name
         self.socket: PinnedFile | None = None  # the socket file the server is at
         self.spare: Spare | None = None
         self.stopping: set[asyncio.Future] = set()  # stops still finishing
@@ -1248,7 +1248,7 @@ class PluginServer:
             spare = self.make_spare()
         # Held before the start is awaited: a registration cancelled meanwhile
         # leaves a server that the next stop() stops, not an orphan.
-        self.server, self.started = spare.server, spare.started
+        self.current = spare
         await asyncio.shield(spare.started)
         self.socket = PinnedFile.at(spare.path)
         self.take_socket_path(spare.path)
@@ -1283,8 +1283,7 @@ class PluginServer:
         registration until the kubelet's stream has ended; the rest of the
         stop finishes in the background.
         """
-        server, self.server = self.server, None
-        started, self.started = self.started, None
+        current, self.current = self.current, None
         socket_file, self.socket = self.socket, None
         if socket_file is not None:
             # Both of its names, if they are still its own: the server would
@@ -1298,9 +1297,9 @@ class PluginServer:
                             log.warning("%s: cannot remove %s: %s",
                                         self.service.resource_name, path, e.strerror)
             socket_file.close()
-        if server is None:
+        if current is None:
             return
-        stopping = self.stop_in_background(server, grace, started)
+        stopping = self.stop_in_background(current, grace)
         if grace is not None:
             await asyncio.wait([stopping], timeout=grace + STOP_TIMEOUT_S)
         elif old_stream_ended is not None:
@@ -1313,14 +1312,12 @@ class PluginServer:
             finally:
                 ended.cancel()
 
-    def stop_in_background(self, server: grpc.aio.Server, grace: float | None,
-                           started: asyncio.Future | None) -> asyncio.Future:
+    def stop_in_background(self, spare: Spare, grace: float | None) -> asyncio.Future:
         async def stop() -> None:
-            if started is not None:
-                # Stopping a server whose start() has not finished crashes
-                # gRPC's core (SIGSEGV, seen at SIGTERM during a registration).
-                await asyncio.wait([started])
-            await server.stop(grace)
+            # Stopping a server whose start() has not finished crashes gRPC's
+            # core (SIGSEGV, seen at SIGTERM during a registration).
+            await asyncio.wait([spare.started])
+            await spare.server.stop(grace)
         stopping = asyncio.ensure_future(stop())
         self.stopping.add(stopping)
         stopping.add_done_callback(self.stopping.discard)
@@ -1331,7 +1328,7 @@ class PluginServer:
         if spare is not None:
             with contextlib.suppress(OSError):
                 os.unlink(spare.path)
-            await asyncio.wait([self.stop_in_background(spare.server, 0, spare.started)],
+            await asyncio.wait([self.stop_in_background(spare, 0)],
                                timeout=STOP_TIMEOUT_S)
         await self.stop(SHUTDOWN_GRACE_S, None)
         with contextlib.suppress(OSError):  # the last resource's close removes it
@@ -1343,7 +1340,7 @@ class PluginServer:
         if len(self.stopping) > MAX_SERVERS_STOPPING:
             return (f"{name}: {len(self.stopping)} old gRPC servers cannot finish stopping "
                     "(clients that stopped reading hold them)")
-        server = self.server
+        current = self.current
         if not self.intact():
             return None  # between servers: the lifecycle loop is on it
         try:
@@ -1354,7 +1351,7 @@ class PluginServer:
                     pb.Empty(), timeout=SELF_CHECK_TIMEOUT_S
                 )
         except grpc.aio.AioRpcError as e:
-            if self.server is not server or not self.intact():
+            if self.current is not current or not self.intact():
                 return None  # a kubelet restart deleted the socket meanwhile: no flapping
             return f"{name}: server does not answer ({e.code().name})"
         return None
