@@ -88,6 +88,8 @@ API_VERSION = "v1beta1"  # the only version kubelets 1.10 to today speak
 HEALTHY = "Healthy"  # the kubelet compares these strings exactly
 UNHEALTHY = "Unhealthy"
 KUBELET_SOCKET = "kubelet.sock"
+# The kubelet uses this directory whatever its --root-dir; distributions that
+# move the kubelet (k3s, microk8s, k0s) move it too, hence --plugin-dir.
 DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_RESOURCE_DOMAIN = "devices.kubevirt.io"
 DEFAULT_COUNT = 110  # KubeVirt's default: the kubelet's default pod limit
@@ -155,7 +157,7 @@ CONNECTION_IDLE_MS = 2000
 # have gRPC create a call for each: 13,000 a second took RSS from 41 to 81 MB
 # in 10 s and failed most of the kubelet's Allocate calls. Each stream the
 # limit lets in still costs the event loop a call: 2 instead of 4 took the
-# plugin's CPU under that attack from about 80 % of a core to 63 %.
+# plugin's CPU under that attack from about 80 % of a core to about 60 %.
 MAX_STREAMS_PER_CONNECTION = 2
 # A registration still unfinished after this long is stuck, whatever the
 # cause: /healthz fails, so that the liveness probe restarts the pod. So it
@@ -896,8 +898,11 @@ class DeviceService(pb_grpc.DevicePluginServicer):
         All devices of a resource share one node, so they are healthy or not
         together. IDs are deterministic (kvm0 ... kvm109): the kubelet
         checkpoints allocations by ID and must find them again after a plugin
-        restart. Topology stays unset: these devices have no NUMA affinity, and
-        a NUMA hint could make a single-numa-node policy reject pods.
+        restart. A v1beta1 Device holds only an ID, a health and a topology:
+        the verdict's reason reaches people through our log and Allocate's
+        refusals, never the kubelet or the pod's status. Topology stays
+        unset: these devices have no NUMA affinity, and a NUMA hint could make
+        a single-numa-node policy reject pods.
         """
         health = self.verdict.state
         if health not in self.lists:
@@ -974,7 +979,11 @@ class DeviceService(pb_grpc.DevicePluginServicer):
         """Give each container the device node.
 
         The kubelet calls this at pod admission, once per container, and uses
-        container_responses[0]; we answer one response per request anyway. An
+        container_responses[0]; we answer one response per request anyway.
+        It sets no deadline and admits pods one at a time, so a slow answer
+        holds up every pod on the node: this answers from state kept ready
+        (the responses, the last verdict; two stat() calls for the CDI spec),
+        never by opening a device. An
         error here rejects the pod with our message in its status, so the
         message names the resource and what is wrong.
         """
@@ -1102,15 +1111,18 @@ def plugin_socket_name(device: str) -> str:
 
 # Each server binds "<SPARE_DIR>/<device>.<6 random hex digits>" and is
 # hard-linked to its socket name when a registration needs it (see
-# KubeletLink.make_spare); that name goes through "<socket>.<6 hex digits>"
-# when something is in the way, so it must fit this many bytes longer.
+# PluginServer.make_spare); the instance socket binds "<its name>.<6 hex
+# digits>". Every name bound is at most this many bytes longer than the
+# socket name it stands for.
 SPARE_DIR = ".kvm-device-plugin"
 BIND_SUFFIX_BYTES = 7
 URI_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/-._~")
 
 
 def grpc_unix_target(path: str) -> str:
-    """The gRPC target for the unix socket at `path`.
+    """The gRPC target for the unix socket at the absolute `path` (main()
+    makes the directory absolute: after "unix://" a relative path's first
+    component would be read as the URI's authority).
 
     gRPC parses a target as a URI: '#' would start a fragment, '?' a query,
     and '%' escapes are decoded. Percent-encoding every other byte of the
@@ -1203,9 +1215,9 @@ class PluginServer:
     def make_spare(self) -> Spare:
         """A fresh server, bound and starting, for the next registration.
 
-        A starting kubelet admits the pods it already has about 100 ms after
-        it listens, and fails those whose resource has not sent its first
-        list by then; building a gRPC server takes 12-16 ms a resource while
+        A starting kubelet admits the pods it already has 10-200 ms (mostly
+        55-70 ms) after it listens, and fails those whose resource has not
+        sent its first list by then; building a gRPC server takes 12-16 ms a resource while
         the kubelet keeps both cores busy. So the next server is made ahead,
         in a directory of ours inside the kubelet's: kubelets delete every
         file (up to 1.32) or every socket (1.33 on) there when they start,
@@ -1809,7 +1821,8 @@ class Daemon:
 #   /metrics  devices, health, registrations and allocations per resource.
 # HTTP probes cost the node nothing between calls, where an exec probe would
 # start a Python process with gRPC every few seconds (~0.25 s of CPU each).
-# asyncio's own streams serve it: http.server would need a thread. The port is
+# asyncio's own streams serve it: http.server would need a thread, and its
+# import (ssl, email) alone costs 2.5 MB of RSS. The port is
 # reachable from the pod network, unauthenticated: every connection is bounded
 # in bytes, time and number, and answers read state, never change it.
 # ---------------------------------------------------------------------------
@@ -2182,8 +2195,8 @@ def plugin_dir_problem(plugin_dir: str, devices: list[str]) -> str | None:
         size = len(os.fsencode(path)) + (0 if name == KUBELET_SOCKET else BIND_SUFFIX_BYTES)
         if size > UNIX_PATH_MAX:
             return (f"socket path {path} is {len(os.fsencode(path))} bytes; a unix socket path is limited "
-                    f"to {UNIX_PATH_MAX}, and the plugin first binds it under a name "
-                    f"{BIND_SUFFIX_BYTES} bytes longer")
+                    f"to {UNIX_PATH_MAX}, and the plugin binds its sockets under names up to "
+                    f"{BIND_SUFFIX_BYTES} bytes longer before linking them there")
     return None
 
 
