@@ -65,7 +65,12 @@ plugin under that real kubelet binary (e2e/kubelet_harness.py, figures in
 docs/real-kubelet.md): kubelet_restart_to_registered_ms,
 unlink_to_kubelet_allocatable_0_ms, kvm_pod_manifest_to_running_ms,
 kubelet_sock_to_all_lists_ms (p50/p99/max over 30 kubelet starts) and
-reboot_admitted_fraction_* (simulated reboots, docs/real-kubelet.md "Reboots").
+reboot_admitted_fraction_* (simulated reboots, docs/real-kubelet.md "Reboots");
+--cluster the README's deploy path on a two-node cluster (KDP_CLUSTER, KDP_KUBELET;
+e2e/cluster_harness.py, figures in docs/cluster.md): ds_apply_to_all_ready_ms,
+plugin_registered_to_api_allocatable_ms, consumer_apply_to_running_ms,
+rollout_ms, delete_to_api_allocatable_0_ms, reboot_to_replacement_running_ms,
+the image's size and the plugin container's memory as its cgroup counts it.
 
 Nothing is asserted: a table, then as the last line one JSON object. Every
 process and directory made is removed even on error; every wait is bounded.
@@ -699,13 +704,16 @@ def main() -> int:
                         help="instead: daemonset.yaml's pod started in a private containerd (e2e/runtime_harness.py)")
     parser.add_argument("--kubelet", metavar="PATH",
                         help="instead: the plugin under this real kubelet binary (e2e/kubelet_harness.py)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="instead: the README's deploy path on a two-node cluster (e2e/cluster_harness.py; "
+                             "KDP_CLUSTER, KDP_KUBELET)")
     parser.add_argument("--flood", action="store_true",
                         help="instead: connection flood, rapid reset (40 s), memory over restarts "
                              "(five runs) and per --count (300 restarts each)")
     args = parser.parse_args()
     # SIGTERM would otherwise skip the finally blocks that remove processes and dirs.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    if args.runtime or args.kubelet:
+    if args.runtime or args.kubelet or args.cluster:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e"))
     if args.runtime:
         import runtime_harness
@@ -713,6 +721,9 @@ def main() -> int:
     if args.kubelet:
         import kubelet_harness
         return kubelet_harness.bench_main(args.kubelet, args.quick)
+    if args.cluster:
+        import cluster_harness
+        return cluster_harness.bench_main(args.quick)
     # The status flood holds FLOOD_CONNECTIONS sockets open at once.
     import resource as limits
     soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)

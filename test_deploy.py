@@ -249,12 +249,24 @@ def test_metrics_port_is_declared_and_annotated(daemonset, container):
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
-@pytest.mark.parametrize("kind, path", [("readiness", "/readyz"), ("liveness", "/healthz")])
+@pytest.mark.parametrize("kind, path", [("readiness", "/readyz"), ("liveness", "/healthz"),
+                                        ("startup", "/healthz")])
 def test_probes_ask_the_plugins_own_endpoint(container, kind, path):
     # test_plugin.py checks that these paths answer 200 for a registered plugin.
     probe = container[f"{kind}Probe"]["httpGet"]
     assert probe == {"path": path, "port": "metrics"}
     assert plugin_args(container).metrics_port is not None
+
+
+def test_startup_probe_asks_every_second_and_waits_long_enough(container):
+    """The startup probe makes the first readiness probe come about a second
+    after the start (docs/cluster.md: without it, one apply in 12 waited 10 s
+    more for the next readiness period); it must still let a slow start
+    through, and never restart a plugin that is only waiting for its kubelet:
+    /healthz answers while it waits."""
+    probe = container["startupProbe"]
+    assert probe["periodSeconds"] == 1
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 30
 
 
 # --- The DaemonSet's security and scheduling ---------------------------------

@@ -299,7 +299,11 @@ class Kubelet:
         for key, value in KERNEL_DEFAULTS.items():
             with open(os.path.join(sysctl_dir, key.replace("/", ".")), "w") as f:
                 f.write(value + "\n")
-        config = {
+        with open(self.config_path, "w") as f:
+            json.dump(self._config(), f, indent=1)  # JSON is YAML
+
+    def _config(self) -> dict[str, Any]:
+        return {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
             "address": "127.0.0.1",
@@ -322,8 +326,6 @@ class Kubelet:
             "podLogsDir": self.pod_logs,
             "resolvConf": "",
         }
-        with open(self.config_path, "w") as f:
-            json.dump(config, f, indent=1)  # JSON is YAML
 
     def _command(self) -> list[str]:
         """unshare execs sh, sh makes the mounts and execs the kubelet: the
@@ -373,12 +375,7 @@ class Kubelet:
 
     def log(self) -> str:
         """This kubelet process's log (since the last start)."""
-        try:
-            with open(self.log_path, errors="replace") as f:
-                f.seek(self.log_offset)
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return rh.read_text(self.log_path, self.log_offset)
 
     # The kubelet's view --------------------------------------------------
 
@@ -592,12 +589,7 @@ class Node:
         return wait_for(f"allocatable {count} of " + ", ".join(names), enough, every=0.002)
 
     def plugin_log(self) -> str:
-        try:
-            with open(self.plugin_log_path, errors="replace") as f:
-                f.seek(self.plugin_log_offset)
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return rh.read_text(self.plugin_log_path, self.plugin_log_offset)
 
     def stop_plugin(self) -> int | None:
         if self.plugin is None:

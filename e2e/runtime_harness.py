@@ -248,6 +248,16 @@ def _umount(path: str) -> None:
 
 
 
+def read_text(path: str, offset: int = 0) -> str:
+    """A log file's text from `offset` on; "" while it does not exist."""
+    try:
+        with open(path, errors="replace") as f:
+            f.seek(offset)
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
     """SIGTERM, then SIGKILL if it has not exited within `timeout`; reaped either
     way. Its exit code, or None if it had to be killed."""
@@ -281,17 +291,25 @@ class Containerd:
         self.netns_paths: set[str] = set()
         self.network_name = "kdp-" + os.path.basename(self.dir)  # names its CNI cache files
         self.preexisting = {path for path in HOST_TRACES if os.path.exists(path)}
+        # Namespaces to run it in (nsenter ...), for the cluster suite's nodes.
+        self.command_prefix: list[str] = []
 
-    def write_config(self) -> None:
+    def write_cni(self, cni_conf: str) -> str:
+        """The pod network: its configuration in `cni_conf`; returns the
+        directory of CNI plugins. Here the tests' own plugin (nothing on the host)."""
         cni_bin = os.path.join(self.dir, "cni-bin")
-        cni_conf = os.path.join(self.dir, "cni-conf")
-        os.makedirs(cni_bin)
-        os.makedirs(cni_conf)
+        os.makedirs(cni_bin, exist_ok=True)
         # containerd 1.6 runs "loopback" for every sandbox besides the configured network.
         for name in ("kdp-pod-net", "loopback"):
             shutil.copy(CNI_PLUGIN, os.path.join(cni_bin, name))
         with open(os.path.join(cni_conf, "10-kdp.conf"), "w") as f:
             json.dump({"cniVersion": "0.4.0", "name": self.network_name, "type": "kdp-pod-net"}, f)
+        return cni_bin
+
+    def write_config(self) -> None:
+        cni_conf = os.path.join(self.dir, "cni-conf")
+        os.makedirs(cni_conf, exist_ok=True)
+        cni_bin = self.write_cni(cni_conf)
         cri_section = 'plugins."io.containerd.grpc.v1.cri"'
         config = f"""\
 version = 2
@@ -331,7 +349,8 @@ state = "{self.state}"
     def start(self) -> None:
         self.write_config()
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(["containerd", "--config", self.config_path, "--log-level", "info"],
+        self.proc = subprocess.Popen([*self.command_prefix, "containerd", "--config", self.config_path,
+                                      "--log-level", "info"],
                                      stdout=log, stderr=log, start_new_session=True)
         log.close()
         self.client = RuntimeClient(self.socket)
@@ -348,11 +367,7 @@ state = "{self.state}"
                 time.sleep(0.05)
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_text(self.log_path)
 
     def import_image(self, archive: str) -> None:
         result = subprocess.run(
