@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -42,8 +43,15 @@ def test_an_empty_directory_at_the_socket_name_is_taken_back(env):
     assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 3), plugin.log()
     assert env.kubelet.allocate(resource("kvm"), [["kvm0"]]).container_responses
     os.mkdir(os.path.join(env.plugin_dir, "kvm-device-plugin-tun.sock.x"))  # not ours: left alone
-    env.kubelet.restart()
-    os.mkdir(os.path.join(env.plugin_dir, SOCKET))  # planted again between the kubelet's cleanup and us
+    # Planted again between the kubelet's cleanup and the plugin's next look:
+    # stopped meanwhile, the plugin cannot make its socket first (it did, now
+    # and then, when it ran on), and on waking finds the directory there.
+    plugin.proc.send_signal(signal.SIGSTOP)
+    try:
+        env.kubelet.restart()
+        os.mkdir(os.path.join(env.plugin_dir, SOCKET))
+    finally:
+        plugin.proc.send_signal(signal.SIGCONT)
     assert env.kubelet.wait_registered([resource("kvm")], 3, min_registrations=2), plugin.log()
     assert os.path.isdir(os.path.join(env.plugin_dir, "kvm-device-plugin-tun.sock.x"))
 
