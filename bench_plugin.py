@@ -4,8 +4,10 @@
 Each scenario gets a fresh tempfile.mkdtemp(prefix="kdpb") under /tmp (short
 socket paths) with a device-plugins directory and a host root holding real
 nodes made by mknod (kvm 10:232, net/tun 10:200, vhost-net 10:238 under dev/).
-fake_kubelet.FakeKubelet runs in this process, ``kvm_device_plugin.py
---plugin-dir D --host-root H ...`` in a child.
+fake_kubelet.FakeKubelet runs in this process, the plugin in a child, started
+as the image and the unit start it: ``python -m kvm_device_plugin --plugin-dir
+D --host-root H ...`` from the three files compiled in a directory of their
+own (deployed_app()).
 
 "Full list" means, for every resource: a registration and a stream message
 newer than the baseline, the stream open, `count` devices. Its time is the
@@ -14,7 +16,8 @@ when this script's waiting thread wakes up. Figures (ms unless named otherwise):
 
 startup_ms        just before Popen -> full list of every resource (--count 110,
                   kvm,tun,vhost-net): interpreter start and grpc import included.
-                  startup_10000_ms: the same with --count 10000.
+                  startup_10000_ms: the same with --count 10000;
+                  startup_ms_as_script: --count 110, run by its path.
 reregister_ms_*   FakeKubelet.stop(), then t0 just before FakeKubelet.start()
                   (deletes every socket in the directory, serves a new
                   kubelet.sock) -> full list from the new registrations. Median
@@ -29,11 +32,14 @@ allocate_*        Allocate round trip on the stand-in's channel (its stub), one
                   2000 over 16 threads (concurrent p50, p99). allocate_errors:
                   failed calls in both runs.
 rss_mb_idle*      VmRSS after registration and 1.5 s idle: --count 110; then
-                  --count 10000 and the list_100000_ms process, each separate.
+                  --count 10000, separate;
+                  rss_mb_idle_as_script: --count 110 run by its path (compiled
+                  from source at start, as `python kvm_device_plugin.py`).
 idle_cpu_percent  on-CPU time of the registered, idle plugin, summed over
                   /proc/PID/task/*/schedstat (first field), over 20 s (quick: 5),
                   in percent of one core. Threads ending mid-window are missed.
-list_100000_ms    just before Popen -> full list, --count 100000 --devices kvm.
+idle_wakeups_per_s  the same window's times a thread of the plugin was put on
+                  a CPU (schedstat's third field), per second.
 shutdown_ms       SIGTERM to the plugin's exit (code 0), registered with streams open.
 late_kubelet_ms   the plugin started 3 s (quick: 1.5 s) before the stand-in: from
                   just before the stand-in starts to every full list.
@@ -56,6 +62,15 @@ rss_growth_mb_1000_restarts  VmRSS after 1000 kubelet restarts back to back
                   key), then one awaited, minus before (after 5 warm-up
                   restarts, 1 s idle each time), with MALLOC_ARENA_MAX=1 as
                   deployed; _default_arenas: the same without it.
+--flood instead: rss_mb_grpc_conn_flood and the rapid reset's figures (see
+bench_conn_flood and bench_rapid_reset), rss_growth_mb_1000_restarts in five
+runs, log_bytes_per_s_allocate_flood (bytes of JSON log a second while four
+clients send refused Allocate calls as fast as they can for 30 s; with
+allocate_flood_calls_per_s, and allocate_flood_calls_unaccounted: calls
+neither logged nor counted in a summary line, 0), and per --count (110, 1000,
+10000) rss_mb_count_<N>_idle, _after_<R>_restarts and _peak (VmRSS read every
+50 ms from start through 300 kubelet restarts while kvm's node flaps every
+100 ms); rss_mb_count_max_peak is the largest count's.
 Every plugin here runs with DEPLOYED_ENV, the environment the DaemonSet and the
 image set. --soak SECONDS runs instead one plugin under a steady mixed load and
 reports its RSS slope (see soak()); with --tracemalloc, what grew, by traceback,
@@ -99,6 +114,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc  # noqa: E402
 
 import deviceplugin_pb2 as pb  # noqa: E402
+import kvm_device_plugin as kdp  # noqa: E402
 from fake_kubelet import (  # noqa: E402
     DEVICE_NODES, FakeKubelet, free_port, make_device_nodes, mknod, start_stalled_reader,
 )
@@ -128,6 +144,29 @@ def resource(name: str) -> str:
     return f"{DOMAIN}/{name}"
 
 
+_APP: str | None = None
+
+
+def deployed_app() -> str:
+    """The plugin's three files, compiled, in a directory of their own, as the
+    image holds them in /app (Dockerfile: compileall, then `python -m`); made
+    once per process, removed at its exit. A plugin started here with -m runs
+    this bytecode, as deployed: a script run by its path is compiled at every
+    start, which leaves 3.8 MB more RSS (rss_mb_idle_as_script)."""
+    global _APP
+    if _APP is None:
+        import atexit
+        import compileall
+
+        _APP = tempfile.mkdtemp(prefix="kdpapp")
+        atexit.register(shutil.rmtree, _APP, True)
+        for name in ("kvm_device_plugin.py", "deviceplugin_pb2.py", "deviceplugin_pb2_grpc.py"):
+            shutil.copy2(os.path.join(HERE, name), _APP)
+        if not compileall.compile_dir(_APP, quiet=1):
+            raise RuntimeError(f"compileall failed in {_APP}")
+    return _APP
+
+
 class Rig:
     """A temporary directory with device nodes, the stand-in and one plugin process."""
 
@@ -144,7 +183,8 @@ class Rig:
         self.proc: subprocess.Popen | None = None
         self.pid = 0
         self.helpers: list[subprocess.Popen] = []  # other processes, killed on close
-        self.wrapper = [sys.executable, SCRIPT]  # how the plugin is started
+        # How the plugin is started: as the image and the unit run it.
+        self.wrapper = [sys.executable, "-m", "kvm_device_plugin"]
 
     def __enter__(self) -> Rig:
         return self
@@ -168,7 +208,8 @@ class Rig:
                 "--count", str(self.count), "--devices", ",".join(self.devices), *self.args]
         with open(self.log_path, "wb") as log:
             t0 = time.monotonic()
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=self.env)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=deployed_app(),
+                                         env=self.env)
         self.pid = self.proc.pid
         if kubelet_late_s:
             time.sleep(kubelet_late_s)
@@ -253,15 +294,22 @@ def rss_mb(pid: int) -> float:
     return kb / 1024
 
 
-def cpu_ns(pid: int) -> int:
-    total = 0
+def schedstat(pid: int) -> tuple[int, int]:
+    """The process's on-CPU time (ns) and times put on a CPU, over its threads."""
+    cpu = runs = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
+                fields = f.read().split()
         except (FileNotFoundError, ProcessLookupError):
-            pass  # the thread ended between listdir and open
-    return total
+            continue  # the thread ended between listdir and open
+        cpu += int(fields[0])
+        runs += int(fields[2])
+    return cpu, runs
+
+
+def cpu_ns(pid: int) -> int:
+    return schedstat(pid)[0]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -272,10 +320,12 @@ def percentile(values: list[float], q: float) -> float:
 # -- measurements ----------------------------------------------------------------------
 
 
-def idle_cpu_percent(pid: int, seconds: float) -> float:
-    start_ns, start = cpu_ns(pid), time.monotonic()
+def idle_cpu_percent(pid: int, seconds: float) -> tuple[float, float]:
+    """Percent of one core, and times on a CPU per second, over `seconds`."""
+    (start_ns, start_runs), start = schedstat(pid), time.monotonic()
     time.sleep(seconds)
-    return (cpu_ns(pid) - start_ns) / ((time.monotonic() - start) * 1e9) * 100
+    (end_ns, end_runs), took = schedstat(pid), time.monotonic() - start
+    return (end_ns - start_ns) / (took * 1e9) * 100, (end_runs - start_runs) / took
 
 
 def allocate_latencies(rig: Rig, callers: int) -> tuple[list[float], int]:
@@ -381,7 +431,7 @@ def bench_default(plan: dict[str, float], r: dict[str, float]) -> None:
         r["startup_ms"] = rig.start()
         time.sleep(SETTLE_S)
         r["rss_mb_idle"] = rss_mb(rig.pid)
-        r["idle_cpu_percent"] = idle_cpu_percent(rig.pid, plan["idle_cpu_s"])
+        r["idle_cpu_percent"], r["idle_wakeups_per_s"] = idle_cpu_percent(rig.pid, plan["idle_cpu_s"])
         sequential, errors_seq = allocate_latencies(rig, 1)
         concurrent, errors_conc = allocate_latencies(rig, CALLERS)
         r["allocate_p50_ms"], r["allocate_p99_ms"] = percentile(sequential, 50), percentile(sequential, 99)
@@ -431,15 +481,18 @@ def bench_hostile(plan: dict[str, float], r: dict[str, float]) -> None:
 
 
 def bench_large(r: dict[str, float]) -> None:
-    """Startup and memory with --count 10000 and 100000, each in a fresh process and directory."""
-    with Rig(10_000) as rig:
+    """Startup and memory with --count 10000 (the largest the plugin takes)
+    in a fresh process and directory; and --count 110 run as a script (by
+    its path)."""
+    with Rig(110) as rig:
+        rig.wrapper = [sys.executable, SCRIPT]
+        r["startup_ms_as_script"] = rig.start()
+        time.sleep(SETTLE_S)
+        r["rss_mb_idle_as_script"] = rss_mb(rig.pid)
+    with Rig(kdp.MAX_COUNT) as rig:
         r["startup_10000_ms"] = rig.start(timeout=60)
         time.sleep(SETTLE_S)
         r["rss_mb_idle_10000"] = rss_mb(rig.pid)
-    with Rig(100_000, ("kvm",)) as rig:
-        r["list_100000_ms"] = rig.start(timeout=180)
-        time.sleep(SETTLE_S)
-        r["rss_mb_idle_100000"] = rss_mb(rig.pid)
 
 
 # -- floods on the plugin's gRPC sockets and scale (--flood) ----------------------------
@@ -530,19 +583,98 @@ def restarts_with_flaps(rig: Rig, restarts: int, flap_s: float = 0.1) -> None:
             mknod(path, minor)
 
 
+class PeakRss:
+    """The highest VmRSS of `pid`, read every 50 ms from a thread of its own
+    (what a memory limit meets is the peak, not a reading now and then)."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+        self.pid, self.peak = pid, 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            try:
+                self.peak = max(self.peak, rss_mb(self.pid))
+            except (FileNotFoundError, ProcessLookupError):
+                return
+
+    def close(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return self.peak
+
+
 def bench_count_restarts(counts: tuple[int, ...], r: dict[str, float]) -> None:
     """VmRSS idle and after 50, 150 and 300 kubelet restarts (a flap every 100 ms)
-    for each --count, --devices kvm: rss_mb_count_<N>_after_<R>_restarts."""
+    for each --count, --devices kvm: rss_mb_count_<N>_after_<R>_restarts, and
+    the peak over all of it (read every 50 ms): rss_mb_count_<N>_peak;
+    rss_mb_count_max_peak for the largest --count the plugin accepts."""
     for count in counts:
         with Rig(count, ("kvm",)) as rig:
             rig.start(timeout=180)
-            time.sleep(SETTLE_S)
-            r[f"rss_mb_count_{count}_idle"] = rss_mb(rig.pid)
-            done = 0
-            for mark in (50, 150, 300):
-                restarts_with_flaps(rig, mark - done)
-                done = mark
-                r[f"rss_mb_count_{count}_after_{mark}_restarts"] = process_facts(rig.pid)[0]
+            peak = PeakRss(rig.pid)
+            try:
+                time.sleep(SETTLE_S)
+                r[f"rss_mb_count_{count}_idle"] = rss_mb(rig.pid)
+                done = 0
+                for mark in (50, 150, 300):
+                    restarts_with_flaps(rig, mark - done)
+                    done = mark
+                    r[f"rss_mb_count_{count}_after_{mark}_restarts"] = process_facts(rig.pid)[0]
+            finally:
+                r[f"rss_mb_count_{count}_peak"] = peak.close()
+            if count == kdp.MAX_COUNT:
+                r["rss_mb_count_max_peak"] = r[f"rss_mb_count_{count}_peak"]
+
+
+def bench_allocate_flood_log(seconds: float, r: dict[str, float]) -> None:
+    """log_bytes_per_s_allocate_flood: bytes of log a second (JSON lines, as
+    deployed) while 4 clients of the kvm socket send Allocate calls with
+    unknown IDs as fast as they can, over `seconds` (allocate_flood_calls_per_s:
+    how many); the calls counted in the log's lines must add up."""
+    import re
+    import threading
+    with Rig(110, ("kvm",), args=("--log-format", "json")) as rig:
+        rig.start()
+        time.sleep(SETTLE_S)
+        path = os.path.join(rig.plugin_dir, kdp.plugin_socket_name("kvm"))
+        bad = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=["kvm999999"])])
+        stop, calls = threading.Event(), [0] * 4
+
+        def caller(index: int) -> None:
+            with grpc.insecure_channel(f"unix://{path}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                call = channel.unary_unary("/v1beta1.DevicePlugin/Allocate",
+                                           request_serializer=pb.AllocateRequest.SerializeToString)
+                while not stop.is_set():
+                    try:
+                        call(bad, timeout=WAIT_S)
+                    except grpc.RpcError:
+                        pass
+                    calls[index] += 1
+
+        size_before = os.path.getsize(rig.log_path)
+        threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(4)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        took = time.monotonic() - started
+        written = os.path.getsize(rig.log_path) - size_before
+        r["log_bytes_per_s_allocate_flood"] = written / took
+        r["allocate_flood_calls_per_s"] = sum(calls) / took
+        time.sleep(kdp.LOG_SUMMARY_S + 1)  # the last summary
+        with open(rig.log_path, errors="replace") as f:
+            f.seek(size_before)
+            text = f.read()
+        logged = len(re.findall(r"kvm: unknown device ID", text))
+        summed = sum(int(n) for n in re.findall(r"calls not logged in the last [\d.]+ s: (\d+) refused", text))
+        r["allocate_flood_calls_unaccounted"] = sum(calls) - logged - summed
 
 
 def growth_1000_restarts(restarts: int) -> float:
@@ -566,7 +698,8 @@ def bench_flood(quick: bool) -> dict[str, float]:
     r["rss_growth_mb_1000_restarts_min"] = min(runs)
     r["rss_growth_mb_1000_restarts_median"] = statistics.median(runs)
     r["rss_growth_mb_1000_restarts_max"] = max(runs)
-    bench_count_restarts((110, 10_000) if quick else (110, 10_000, 50_000, 100_000), r)
+    bench_allocate_flood_log(5.0 if quick else 30.0, r)
+    bench_count_restarts((110, kdp.MAX_COUNT) if quick else (110, 1_000, kdp.MAX_COUNT), r)
     return {k: round(v, 3) for k, v in r.items()}
 
 

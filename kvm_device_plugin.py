@@ -93,7 +93,12 @@ KUBELET_SOCKET = "kubelet.sock"
 DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_RESOURCE_DOMAIN = "devices.kubevirt.io"
 DEFAULT_COUNT = 110  # KubeVirt's default: the kubelet's default pod limit
-MAX_COUNT = 100_000
+# A count is how many pods may share the node, which the kubelet's pod limit
+# (maxPods, 110 by default) bounds anyway; each device costs memory in every
+# list sent. Peak RSS over 300 kubelet restarts while the node flaps every
+# 100 ms (bench_plugin.py --flood, rss_mb_count_*_peak): 45 MiB at 10,000,
+# 52 at 20,000, 70 at 50,000, 100 at 100,000, past the DaemonSet's 96 Mi.
+MAX_COUNT = 10_000
 # The kubelet sends one ContainerAllocateRequest per Allocate (one container
 # at admission), with as many IDs as that container's limit. A few more are
 # answered; 100,000 one-ID containers took 642 ms of the event loop per call.
@@ -148,8 +153,14 @@ MAX_CONNECTIONS = 256
 # A connection with no call open for this long is closed: a flood of held,
 # idle connections gives its slots back. The kubelet's connection always has
 # its ListAndWatch stream open. (A maximum connection age would cut that
-# stream, and the kubelet never dials again by itself.)
-CONNECTION_IDLE_MS = 2000
+# stream, and the kubelet never dials again by itself.) gRPC checks every
+# connection that often, calls open or not, and each check wakes its
+# threads: at 2 s that tripled the idle plugin's CPU (0.14 % of a core, 31-34
+# wakeups a second, against 0.05 % and 7.5 without the limit). At 10 s it
+# costs 0.06-0.07 % and 11-13, and the kubelet still got in under a flood
+# holding every slot as soon as with 2 s (0-10.1 s, one dial-back timeout at
+# worst); at 30 s one registration took two timeouts (20.1 s).
+CONNECTION_IDLE_MS = 10_000
 # Streams at once on one connection. The kubelet's connection carries its
 # ListAndWatch stream and one Allocate at a time (pods are admitted one by
 # one); a client over the limit waits, it is not refused. A client that opens
@@ -186,10 +197,17 @@ HEALTHZ_REUSE_S = 1.0
 HTTP_REQUEST_TIMEOUT_S = 5.0
 HTTP_MAX_REQUEST_BYTES = 8192
 HTTP_MAX_CONNECTIONS = 32
-# Any client of a plugin socket can call Allocate as often as it likes: the
-# lines its calls cause are logged at most this often per resource, and the
-# rest are counted in one line a second.
-LOG_LINES_PER_S = 10
+# Any client of a plugin socket can call Allocate as often as it likes, and
+# each call makes a line. Per resource, up to LOG_BURST lines are logged at
+# once and then one every LOG_REFILL_S; the calls past that are counted, and
+# one line every LOG_SUMMARY_S says how many were allocated and refused. A
+# kubelet admitting pods one by one stays within it; four clients sending
+# 2,600 refused calls a second cost about 0.2 KB of log a second instead of
+# 1.5 KB (bench_plugin.py --flood: log_bytes_per_s_allocate_flood), and the
+# metrics count every call.
+LOG_BURST = 10
+LOG_REFILL_S = 1.0
+LOG_SUMMARY_S = 10.0
 # Device IDs and other peer-supplied text are cut to this many characters in
 # messages and logs: an error status must fit gRPC's metadata limit (8 KiB).
 MAX_QUOTED_CHARS = 64
@@ -821,32 +839,34 @@ def quoted(text: str) -> str:
 
 
 class ThrottledLog:
-    """Log lines that a peer causes at its own pace (each Allocate call
-    causes one): at most LOG_LINES_PER_S a second; then one line a second
-    says how many were left out."""
+    """Log lines that a peer causes at its own pace (each Allocate call causes
+    one): a budget of LOG_BURST lines, refilled by one every LOG_REFILL_S; a
+    line past the budget is counted by kind, and one line LOG_SUMMARY_S after
+    the first of them gives the counts."""
 
     def __init__(self, resource_name: str) -> None:
         self.resource_name = resource_name
-        self.window_started = 0.0
-        self.logged = 0
-        self.left_out = 0
+        self.budget = float(LOG_BURST)
+        self.refilled_at = time.monotonic()
+        self.left_out: collections.Counter[str] = collections.Counter()
 
-    def __call__(self, level: int, message: str, *args: object) -> None:
+    def __call__(self, kind: str, level: int, message: str, *args: object) -> None:
         now = time.monotonic()
-        if now - self.window_started >= 1.0:
-            self.window_started, self.logged = now, 0
-        if self.logged < LOG_LINES_PER_S:
-            self.logged += 1
+        self.budget = min(float(LOG_BURST), self.budget + (now - self.refilled_at) / LOG_REFILL_S)
+        self.refilled_at = now
+        if self.budget >= 1.0:
+            self.budget -= 1.0
             log.log(level, message, *args)
             return
         if not self.left_out:
-            asyncio.get_running_loop().call_later(1.0, self.report_left_out)
-        self.left_out += 1
+            asyncio.get_running_loop().call_later(LOG_SUMMARY_S, self.report_left_out)
+        self.left_out[kind] += 1
 
     def report_left_out(self) -> None:
-        log.warning("%s: %d more lines about Allocate calls left out in the last second (at most %d a "
-                    "second are logged)", self.resource_name, self.left_out, LOG_LINES_PER_S)
-        self.left_out = 0
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.left_out.items()))
+        log.warning("%s: %d calls not logged in the last %g s: %s (the metrics count every one)",
+                    self.resource_name, sum(self.left_out.values()), LOG_SUMMARY_S, counts)
+        self.left_out.clear()
 
 
 class ListAndWatchStream:
@@ -878,8 +898,8 @@ class DeviceService(pb_grpc.DevicePluginServicer):
                 devices=[device], cdi_devices=[pb.CDIDevice(name=self.cdi.device_name)]
             )
         self.verdict = Verdict(False, "not checked yet")
-        # Built on first use and kept: with --count 100000 building a list
-        # takes a few hundred milliseconds, and health flaps back and forth.
+        # Built on first use and kept: with --count 10000 building a list
+        # takes tens of milliseconds, and health flaps back and forth.
         self.lists: dict[str, pb.ListAndWatchResponse] = {}
         self.streams: set[ListAndWatchStream] = set()  # every open ListAndWatch
         self.stopping = False
@@ -990,12 +1010,12 @@ class DeviceService(pb_grpc.DevicePluginServicer):
         refusal = self.allocation_refusal(request)
         if refusal is not None:
             self.allocation_errors += 1
-            self.log_call(logging.WARNING, "%s", refusal[1])
+            self.log_call("refused", logging.WARNING, "%s", refusal[1])
             await context.abort(*refusal)
         self.allocations += len(request.container_requests)
         ids = [i for c in request.container_requests for i in c.devices_ids]
         shown = ",".join(ids[:8]) + (f",... ({len(ids)} IDs)" if len(ids) > 8 else "")
-        self.log_call(logging.INFO, "%s: allocated %s", self.resource_name, shown)
+        self.log_call("allocated", logging.INFO, "%s: allocated %s", self.resource_name, shown)
         answer = self.answer_with_cdi if self.cdi is not None and self.cdi.in_place() else self.answer
         return pb.AllocateResponse(container_responses=[answer] * len(request.container_requests))
 
@@ -1055,7 +1075,7 @@ class DeviceService(pb_grpc.DevicePluginServicer):
         except DecodeError:
             message = (f"{self.resource_name}: {len(raw)} request bytes do not decode "
                        f"as {request_type.DESCRIPTOR.name}")
-            self.log_call(logging.WARNING, "%s", message)
+            self.log_call("refused", logging.WARNING, "%s", message)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 

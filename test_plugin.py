@@ -328,14 +328,14 @@ def test_allocate_of_an_unhealthy_device_fails_admission_with_the_reason(running
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--count", "0"], r"--count: must be a whole number from 1 to 100000, got '0'"),
-    (["--count", "100001"], r"--count: must be a whole number from 1 to 100000"),
-    (["--count", "ten"], r"--count: must be a whole number from 1 to 100000, got 'ten'"),
+    (["--count", "0"], r"--count: must be a whole number from 1 to 10000, got '0'"),
+    (["--count", "10001"], r"--count: must be a whole number from 1 to 10000"),
+    (["--count", "ten"], r"--count: must be a whole number from 1 to 10000, got 'ten'"),
     (["--devices", "kvm,gpu"], r"--devices: unknown device 'gpu'; known: kvm, tun, vhost-net"),
     (["--devices", ""], r"--devices: unknown device ''"),
     (["--permissions", "rwx"], r"--permissions: invalid choice: 'rwx'"),
-    (["--count", "5_0"], r"--count: must be a whole number from 1 to 100000, got '5_0'"),
-    (["--count", "\u0665"], r"--count: must be a whole number from 1 to 100000"),  # Arabic-Indic 5
+    (["--count", "5_0"], r"--count: must be a whole number from 1 to 10000, got '5_0'"),
+    (["--count", "\u0665"], r"--count: must be a whole number from 1 to 10000"),  # Arabic-Indic 5
     (["--resource-domain", "kubernetes.io"], r"not a DNS subdomain .* outside kubernetes.io"),
     (["--resource-domain", "mykubernetes.io"], r"outside kubernetes.io"),
     (["--resource-domain", "requests.example.com"], r"outside kubernetes.io and requests\."),
@@ -350,6 +350,16 @@ def test_usage_errors_are_one_line_and_exit_2(args, message):
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_the_largest_count_registers_every_device(env):
+    """--count is bounded (MAX_COUNT) by what fits the DaemonSet's memory
+    limit at its peak (bench_plugin.py --flood); the largest count it takes
+    still reaches the kubelet whole."""
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", str(kdp.MAX_COUNT), "--devices", "kvm")
+    assert env.kubelet.wait_registered([resource("kvm")], kdp.MAX_COUNT), plugin.log()
+    assert len(env.kubelet.state(resource("kvm")).devices) == kdp.MAX_COUNT
 
 
 def test_socket_path_too_long_is_a_clear_startup_error(env):
@@ -1410,17 +1420,23 @@ def open_stalled_stream(socket_path: str) -> socket.socket:
 def test_liveness_fails_past_eight_old_servers_that_cannot_finish_stopping(env):
     # Each stalled client holds one old server from finishing its stop (and
     # its memory for as long as it lives); past 8 of them only a restart of
-    # the pod frees them. 20000 devices: one list overfills the socket buffer.
+    # the pod frees them. 10000 devices (the most --count takes), and a health
+    # flip after each stalled call opens: the lists overfill the socket buffer.
+    count = kdp.MAX_COUNT
     env.kubelet.start()
     port = free_port()
-    plugin = env.start_plugin("--count", "20000", "--devices", "kvm", "--metrics-port", str(port))
-    assert env.kubelet.wait_registered([resource("kvm")], 20000), plugin.log()
+    plugin = env.start_plugin("--count", str(count), "--devices", "kvm", "--metrics-port", str(port))
+    assert env.kubelet.wait_registered([resource("kvm")], count), plugin.log()
     stalled = []
     try:
         for restart in range(1, 10):
             stalled.append(open_stalled_stream(plugin_socket(env, "kvm")))
+            os.unlink(env.node("dev/kvm"))
+            assert settles(lambda: health_of(env, "kvm") == {"Unhealthy"}), plugin.log()
+            mknod(env.node("dev/kvm"), 232)
+            assert settles(lambda: health_of(env, "kvm") == {"Healthy"}), plugin.log()
             env.kubelet.restart()
-            assert env.kubelet.wait_registered([resource("kvm")], 20000, min_registrations=1 + restart)
+            assert env.kubelet.wait_registered([resource("kvm")], count, min_registrations=1 + restart)
         assert settles(lambda: http_get(port, "/healthz")[0] == 503), http_get(port, "/healthz")
         assert http_get(port, "/healthz")[1] == (
             "devices.kubevirt.io/kvm: 9 old gRPC servers cannot finish stopping "
