@@ -19,7 +19,8 @@ import pytest
 import deviceplugin_pb2 as pb
 import kvm_device_plugin as kdp
 from bench_plugin import Rig, resource, rss_mb
-from test_plugin import settles
+from fake_kubelet import free_port
+from test_plugin import http_get, settles
 from flood_peers import (
     hold_connections,
     open_connections,
@@ -70,6 +71,28 @@ def test_kubelet_registers_and_allocates_while_a_flood_holds_every_connection_it
     assert response.container_responses[0].devices[0].host_path == "/dev/kvm"
     assert flood.poll() is None, "the flood ended before the kubelet got in"
     assert rss_mb(rig.pid) - rss_before < 15, (rss_before, rss_mb(rig.pid))
+
+
+def test_liveness_fails_while_the_server_in_place_takes_no_new_connection():
+    # A server whose connection slots are all taken accepts a connection and
+    # closes it at once: a restarting kubelet's dial-back would fail the same
+    # way. /healthz asks each server in place GetDevicePluginOptions over a
+    # connection of its own, and says which one does not answer. Held
+    # connections are closed after 2 s idle (CONNECTION_IDLE_MS); the probe
+    # comes right after they are made, and its connection is accepted after
+    # theirs, past the cap.
+    port = free_port()
+    with Rig(110, ("kvm",), args=("--metrics-port", str(port))) as rig:
+        rig.start()
+        held = hold_connections(socket_path(rig), kdp.MAX_CONNECTIONS + 16)
+        try:
+            answer = http_get(port, "/healthz")
+        finally:
+            for conn in held:
+                conn.close()
+        assert answer == (503, "devices.kubevirt.io/kvm: server does not answer (UNAVAILABLE)\n"), answer
+        # Slots free again: alive again (a verdict is reused for a second at most).
+        assert settles(lambda: http_get(port, "/healthz") == (200, "ok\n")), rig.log_tail()
 
 
 def test_idle_connections_are_closed_and_the_kubelets_stays(rig):

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -25,7 +26,7 @@ import pytest
 import deviceplugin_pb2 as pb
 import deviceplugin_pb2_grpc as pb_grpc
 from fake_kubelet import free_port, mknod, unix_target
-from test_plugin import WAIT_S, Env, http_get, needs_strace, resource, settles
+from test_plugin import WAIT_S, Env, PluginProcess, http_get, needs_strace, resource, settles
 
 
 @pytest.fixture
@@ -123,6 +124,58 @@ def test_a_kubelet_sock_cannot_write_lines_or_controls_into_the_log(env, log_for
     assert not [m for m in messages if "Invalid encoding" in m or "Traceback" in m], text
 
 
+# A bug in handling the kubelet's answer: the refusal, an AioRpcError that
+# prints the details the peer sent, becomes the cause of an unexpected
+# error, which the plugin logs with its traceback.
+BUG_ON_REFUSAL = """
+import sys
+import grpc
+import kvm_device_plugin as kdp
+original = kdp.KubeletLink._call_register
+async def buggy(self):
+    try:
+        await original(self)
+    except grpc.aio.AioRpcError as e:
+        raise LookupError("injected") from e
+kdp.KubeletLink._call_register = buggy
+sys.exit(kdp.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_traceback_carrying_a_peers_words_cannot_write_lines_into_the_log(env, log_format):
+    # A traceback is the one thing that spans lines in the log, and the last
+    # line of each exception in it is that exception's own text: for an
+    # AioRpcError, the details a kubelet.sock chose, line breaks and all. The
+    # frames are the plugin's and gRPC's code; the exceptions' text must be
+    # escaped like any message. No code path of the plugin logs a peer's
+    # error with its traceback today, so the bug is injected (BUG_ON_REFUSAL).
+    kubelet = RefusingKubelet(env.plugin_dir, HOSTILE_DETAILS[0][1])
+    try:
+        plugin = PluginProcess([sys.executable, "-c", BUG_ON_REFUSAL, "--plugin-dir", env.plugin_dir,
+                                "--host-root", env.host, "--count", "1", "--devices", "kvm",
+                                "--log-format", log_format], env.root, None)
+        env.plugins.append(plugin)
+        plugin.wait_log(r"LookupError: injected")
+        assert plugin.terminate() == 0
+    finally:
+        kubelet.stop()
+    text = plugin.log()
+    if log_format == "json":
+        (traceback,) = [e["exception"] for e in map(json.loads, text.splitlines()) if "exception" in e]
+    else:
+        traceback = text
+    # The kubelet's refusal is in the traceback, as the bug's cause ...
+    assert "The above exception was the direct cause of the following exception" in traceback, text
+    assert "AioRpcError" in traceback and "PERMISSION_DENIED" in traceback, traceback
+    # ... its words made visible rather than obeyed.
+    forged = [line for line in traceback.splitlines() if line.startswith(FORGED[:24])]
+    assert not forged, f"{len(forged)} lines the plugin did not write:\n{traceback}"
+    controls = RAW_CONTROL.findall(traceback.replace("\n", ""))
+    assert not controls, f"{len(controls)} raw control characters in the traceback:\n{traceback!r}"
+    assert "denied\\n2026-01-01T00:00:00.000Z INFO" in traceback, traceback
+
+
 # ---------------------------------------------------------------------------
 # Files the plugin reads and writes
 # ---------------------------------------------------------------------------
@@ -165,7 +218,12 @@ needs_kvm = pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="this mach
     (make_huge_file, "not on the filesystem of /proc"),
     # procfs's own, but megabytes: read no further than /proc/misc could ever be.
     (lambda root: "/proc/kallsyms", "more than 65536 bytes"),
-], ids=["fifo", "dev-zero", "huge-file", "procfs-but-huge"])
+    # procfs's own and all but endless: 8 bytes for every page of the
+    # plugin's address space, 256 GB (the shell's $$ is the plugin's pid: it
+    # execs it). It takes reads of whole 8-byte entries only, so reading
+    # 65537 bytes fails with EINVAL; reading it to its end would never end.
+    (lambda root: "/proc/$$/pagemap", "(cannot read it: Invalid argument|more than 65536 bytes)"),
+], ids=["fifo", "dev-zero", "huge-file", "procfs-but-huge", "procfs-endless"])
 def test_a_proc_misc_that_is_not_procfs_blocks_nothing_and_grows_nothing(env, source, what):
     mknod(env.node("dev/sev"), 124)  # a dynamic minor: only /proc/misc can vouch for it
     env.kubelet.start()
@@ -299,6 +357,33 @@ def test_a_host_root_dev_symlink_repointed_is_seen_at_once(env):
         exchange(os.path.join(dev_a, "net"), os.path.join(dev_a, "net.other"))
         delays.append(seconds_until_health(env, "tun", "Healthy", since))
     assert max(delays) < SEEN_WITHOUT_SAFETY_NET_S, [f"{d * 1000:.0f} ms" for d in delays]
+    assert plugin.terminate() == 0
+
+
+@needs_kvm
+def test_a_node_changed_behind_a_host_root_dev_symlink_is_seen_at_once(env):
+    # A host root whose dev is a symbolic link (to dev-a here), left as it
+    # is: kvm lives in the link's target, and a change there is an event
+    # only for a watch on that directory, not for one on the link's. Missed,
+    # it would reach the kubelet only through the 5 s safety net: the first
+    # change up to 5 s late, every later one (made right after the one
+    # before was seen) a full 5 s.
+    os.rename(env.node("dev"), env.node("dev-a"))
+    os.symlink("dev-a", env.node("dev"))
+    env.kubelet.start()
+    plugin = env.start_plugin("--count", "1", "--devices", "kvm")
+    assert env.kubelet.wait_registered([resource("kvm")], 1), plugin.log()
+    assert seconds_until_health(env, "kvm", "Healthy", time.monotonic()) >= 0
+    node = env.node("dev-a/kvm")
+    for change in range(6):
+        since = time.monotonic()
+        os.unlink(node)
+        delay = seconds_until_health(env, "kvm", "Unhealthy", since)
+        assert delay < SEEN_WITHOUT_SAFETY_NET_S, f"unlink {change} seen after {delay * 1000:.0f} ms"
+        since = time.monotonic()
+        mknod(node, 232)
+        delay = seconds_until_health(env, "kvm", "Healthy", since)
+        assert delay < SEEN_WITHOUT_SAFETY_NET_S, f"mknod {change} seen after {delay * 1000:.0f} ms"
     assert plugin.terminate() == 0
 
 

@@ -22,7 +22,7 @@ import pytest
 import deviceplugin_pb2 as pb
 import deviceplugin_pb2_grpc as pb_grpc
 import kvm_device_plugin as kdp
-from test_plugin import DEFAULT, WAIT_S, env, kubelet, resource, running  # noqa: F401 - fixtures
+from test_plugin import DEFAULT, WAIT_S, env, kubelet, resource, running, settles  # noqa: F401 - fixtures
 
 SOCKET = "kvm-device-plugin-kvm.sock"
 
@@ -117,6 +117,55 @@ def test_a_killed_instances_leftover_does_not_keep_the_next_one_out(env):
     second = env.start_plugin("--count", "3")
     assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 3, min_registrations=2), second.log()
     assert second.proc.poll() is None
+
+
+def fill_backlog(path: str) -> list[socket.socket]:
+    """Connections to the listening unix socket at `path`, made until the
+    kernel says its backlog is full (EAGAIN on a non-blocking connect)."""
+    queued: list[socket.socket] = []
+    try:
+        while len(queued) < 1000:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                conn.connect(path)
+            except BlockingIOError:
+                conn.close()
+                return queued
+            queued.append(conn)
+        raise AssertionError(f"{path} queued 1000 connections: nobody listens there with a backlog")
+    except BaseException:
+        for conn in queued:
+            conn.close()
+        raise
+
+
+def test_a_live_instance_whose_backlog_is_full_is_not_taken_for_a_leftover(env):
+    # A live instance that is busy (stopped here, so that it accepts nothing)
+    # and a neighbour that connects and never lets go can fill its instance
+    # socket's backlog. A connect then fails with EAGAIN, not the
+    # ECONNREFUSED of a killed run's leftover: the instance is alive, and a
+    # second one must not take over its sockets.
+    env.kubelet.start()
+    first = env.start_plugin("--count", "3")
+    assert env.kubelet.wait_registered([resource(n) for n in DEFAULT], 3), first.log()
+    socket_path = os.path.join(env.plugin_dir, SOCKET)
+    before = os.stat(socket_path)
+    first.proc.send_signal(signal.SIGSTOP)
+    queued: list[socket.socket] = []
+    try:
+        queued = fill_backlog(os.path.join(env.plugin_dir, kdp.INSTANCE_SOCKET))
+        second = env.start_plugin("--count", "3")
+        assert settles(lambda: second.proc.poll() is not None), f"second instance running:\n{second.log()}"
+        assert second.proc.returncode == 1
+        assert "another kvm-device-plugin is already serving" in second.log()
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+        for conn in queued:
+            conn.close()
+    after = os.stat(socket_path)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)  # the first's, untouched
+    assert env.kubelet.state(resource("kvm")).registrations == 1
+    assert env.kubelet.allocate(resource("kvm"), [["kvm2"]]).container_responses
 
 
 # ---------------------------------------------------------------------------
