@@ -78,7 +78,7 @@ def test_liveness_fails_while_the_server_in_place_takes_no_new_connection():
     # closes it at once: a restarting kubelet's dial-back would fail the same
     # way. /healthz asks each server in place GetDevicePluginOptions over a
     # connection of its own, and says which one does not answer. Held
-    # connections are closed after 2 s idle (CONNECTION_IDLE_MS); the probe
+    # connections are closed after 10 s idle (CONNECTION_IDLE_MS); the probe
     # comes right after they are made, and its connection is accepted after
     # theirs, past the cap.
     port = free_port()

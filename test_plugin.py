@@ -1565,15 +1565,21 @@ def test_readiness_fails_as_soon_as_a_stop_is_requested(env):
     # that time must not count it as serving. Here the kubelet's stream is
     # one that reads nothing (a stalled raw HTTP/2 call, taken for the
     # kubelet's since the stand-in opens none), so it stays open through
-    # the whole stop; the probe's connection is made before SIGTERM and its
-    # request sent once the plugin has logged the stop request.
+    # the whole stop (10000 devices, the most --count takes, and a health
+    # flip: the lists overfill its socket buffer); the probe's connection is
+    # made before SIGTERM and its request sent once the plugin has logged
+    # the stop request.
     env.kubelet = FakeKubelet(env.plugin_dir, stream_limit=0)
     env.kubelet.start()
     port = free_port()
-    plugin = env.start_plugin("--count", "20000", "--devices", "kvm", "--metrics-port", str(port))
+    plugin = env.start_plugin("--count", str(kdp.MAX_COUNT), "--devices", "kvm", "--metrics-port", str(port))
     plugin.wait_log(r"devices\.kubevirt\.io/kvm: registered with the kubelet")
     stalled = open_stalled_stream(plugin_socket(env, "kvm"))
     try:
+        os.unlink(env.node("dev/kvm"))
+        plugin.wait_log(r"kvm: \d+ devices Unhealthy")
+        mknod(env.node("dev/kvm"), 232)
+        assert settles(lambda: len(re.findall(r"kvm: \d+ devices Healthy", plugin.log())) == 2), plugin.log()
         assert settles(lambda: http_get(port, "/readyz") == (200, "ready\n")), plugin.log()
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as probe:
             probe.sendall(b"GET /readyz HTTP/1.1\r\n")
