@@ -774,6 +774,19 @@ class ClusterNode:
         return {"usage": usage, "working_set": usage - int(stats.get(inactive_key, 0)),
                 "rss": int(stats.get("total_rss", stats.get("anon", 0)))}
 
+    def probe_counts(self) -> dict[tuple[str, str, str], float]:
+        """Its kubelet's prober_probe_total: (pod UID, probe type, result) -> count."""
+        url = f"https://{self.spec.gateway}:{self.kubelet.api_port}/metrics/probes"
+        status, body = self.network.http(url)
+        if status != 200:
+            raise RuntimeError(f"{self.spec.name}'s /metrics/probes: {status} {body[:300]}")
+        counts = {}
+        for labels, value in re.findall(r'^prober_probe_total\{([^}]*)\} (\S+)$', body, re.MULTILINE):
+            fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            key = (fields.get("pod_uid", ""), fields.get("probe_type", ""), fields.get("result", ""))
+            counts[key] = float(value)
+        return counts
+
     def pod_log(self, pod: dict[str, Any], container: str) -> list[str]:
         """The log of a container's current attempt, from the node's pod log
         directory (this kubectl has no `logs`)."""
@@ -1128,45 +1141,27 @@ class Cluster:
             what += f", capacity {capacity}"
         return wait_for(what, there, timeout, every=0.05)
 
-    def kubelet_probe_counts(self, node: str) -> dict[tuple[str, str, str], float]:
-        """The kubelet's prober_probe_total: (pod UID, probe type, result) -> count."""
-        kubelet = self.nodes[node].kubelet
-        status, body = self.network.http(f"https://{self.nodes[node].spec.gateway}:{kubelet.api_port}/metrics/probes")
-        if status != 200:
-            raise RuntimeError(f"{node}'s /metrics/probes: {status} {body[:300]}")
-        counts = {}
-        for labels, value in re.findall(r'^prober_probe_total\{([^}]*)\} (\S+)$', body, re.MULTILINE):
-            fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-            key = (fields.get("pod_uid", ""), fields.get("probe_type", ""), fields.get("result", ""))
-            counts[key] = float(value)
-        return counts
 
-    def manifest(self, path: str, replace: dict[str, str] | None = None) -> str:
-        """A project manifest as it is, or with each key of `replace` (a whole
-        line's text, without its indentation) replaced by its value, written
-        to the work folder; its path. Each key must be there exactly once."""
-        with open(os.path.join(rh.PROJECT, path)) as f:
-            text = f.read()
-        for old, new in (replace or {}).items():
-            pattern = re.compile(rf"^(\s*){re.escape(old)}$", re.MULTILINE)
-            if len(pattern.findall(text)) != 1:
-                raise ValueError(f"{path}: {old!r} is not one line of its own")
-            text = pattern.sub(lambda m, n=new: m[1] + n, text)
-        out = os.path.join(self.work, os.path.basename(path))
-        if replace:
-            out = os.path.join(self.work, f"{len(os.listdir(self.work))}-{os.path.basename(path)}")
-        with open(out, "w") as f:
-            f.write(text)
-        return out
-
-    def daemonset_manifest(self, count: str = "110", extra: dict[str, str] | None = None) -> str:
-        """daemonset.yaml with the image name replaced (as the README says to),
-        and with --count `count` where it is not 110."""
-        replace = {f"image: {MANIFEST_IMAGE}": f"image: {PLUGIN_IMAGE}"}
-        if count != "110":
-            replace['- "110"  # the kubelet\'s default max pods: every pod may get one'] = f'- "{count}"'
-        replace.update(extra or {})
-        return self.manifest("daemonset.yaml", replace)
+def daemonset_manifest(work: str, count: str = "110", extra: dict[str, str] | None = None) -> str:
+    """daemonset.yaml written to `work` with its image name replaced (as the
+    README says to), --count `count` where it is not 110, and each key of
+    `extra` (a whole line's text, without its indentation) replaced by its
+    value; its path. Each line replaced must be there exactly once."""
+    replace = {f"image: {MANIFEST_IMAGE}": f"image: {PLUGIN_IMAGE}"}
+    if count != "110":
+        replace['- "110"  # the kubelet\'s default max pods: every pod may get one'] = f'- "{count}"'
+    replace.update(extra or {})
+    with open(os.path.join(rh.PROJECT, "daemonset.yaml")) as f:
+        text = f.read()
+    for old, new in replace.items():
+        pattern = re.compile(rf"^(\s*){re.escape(old)}$", re.MULTILINE)
+        if len(pattern.findall(text)) != 1:
+            raise ValueError(f"daemonset.yaml: {old!r} is not one line of its own")
+        text = pattern.sub(lambda m, n=new: m[1] + n, text)
+    path = os.path.join(work, f"{len(os.listdir(work))}-daemonset.yaml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -1220,7 +1215,7 @@ def bench_main(quick: bool) -> int:
         started_s = time.monotonic() - started
         kvm_node = cluster.nodes["kvm-node"]
         for run_index in range(runs):
-            manifest = cluster.daemonset_manifest()
+            manifest = daemonset_manifest(cluster.work)
             applied = time.monotonic()
             cluster.kubectl("apply", "-f", manifest)
             pods = cluster.wait_plugins_ready()
@@ -1238,7 +1233,7 @@ def bench_main(quick: bool) -> int:
             before = {pod["metadata"]["uid"] for pod in pods.values()}
             # A changed pod template (one more environment value): a rolling update.
             one_more = f'value: ERROR\n            - name: KDP_ROLLOUT\n              value: "{run_index}"'
-            rolled = cluster.daemonset_manifest(extra={"value: ERROR": one_more})
+            rolled = daemonset_manifest(cluster.work, extra={"value: ERROR": one_more})
             applied = time.monotonic()
             cluster.kubectl("apply", "-f", rolled)
             pods = cluster.wait_plugins_ready(besides=before)
@@ -1250,7 +1245,7 @@ def bench_main(quick: bool) -> int:
             cluster.wait_allocatable("kvm-node", "kvm", 0, 30)
             figures["delete_to_api_allocatable_0_ms"].append((time.monotonic() - deleted) * 1000)
             wait_for("the plugin pods gone", lambda: not cluster.plugin_pods())
-        cluster.kubectl("apply", "-f", cluster.daemonset_manifest())
+        cluster.kubectl("apply", "-f", daemonset_manifest(cluster.work))
         cluster.wait_plugins_ready()
         cluster.wait_allocatable("kvm-node", "kvm", 110, 30)
         cluster.apply(kvm_deployment("vmm"))

@@ -172,7 +172,7 @@ def record_probes_once_ready(story: Story, pods: dict[str, dict[str, Any]]) -> N
 def probe_counts(cluster: ch.Cluster, node: str, uid: str) -> dict[tuple[str, str], float]:
     counts: dict[tuple[str, str], float] = {(t, r): 0.0 for t in ("Readiness", "Liveness")
                                             for r in ("successful", "failed", "unknown")}
-    for (pod_uid, probe, result), value in cluster.kubelet_probe_counts(node).items():
+    for (pod_uid, probe, result), value in cluster.nodes[node].probe_counts().items():
         if pod_uid == uid:
             counts[(probe, result)] = value
     return counts
@@ -217,7 +217,7 @@ def test_the_daemonset_is_admitted_and_turns_ready_on_each_node(story: Story):
     the kubelet against the pod's address, and kvm-node's allocatable as the
     README shows it (vhost-net 0 where the machine has none)."""
     cluster = story.cluster
-    story.manifest = cluster.daemonset_manifest()
+    story.manifest = ch.daemonset_manifest(cluster.work)
     with open(os.path.join(rh.PROJECT, "daemonset.yaml")) as f, open(story.manifest) as g:
         pairs = zip(f.read().splitlines(), g.read().splitlines(), strict=True)
         changed = [(a, b) for a, b in pairs if a != b]
@@ -341,7 +341,7 @@ def test_when_kvm_runs_out_a_pod_waits_until_one_is_freed(story: Story):
     story.require("consumer")
     cluster = story.cluster
     before = {pod["metadata"]["uid"] for pod in cluster.plugin_pods().values()}
-    story.manifest = cluster.daemonset_manifest(count="2")
+    story.manifest = ch.daemonset_manifest(cluster.work, count="2")
     cluster.kubectl("apply", "-f", story.manifest)
     record_probes_once_ready(story, cluster.wait_plugins_ready(besides=before))
     cluster.wait_allocatable("kvm-node", "kvm", 2, STATUS_BOUND_S)
@@ -377,7 +377,7 @@ def test_a_rolling_update_stops_each_old_plugin_before_starting_its_successor(st
     before = {pod["metadata"]["uid"] for pod in cluster.plugin_pods().values()}
     watches = {name: ch.ContainerWatch(node) for name, node in cluster.nodes.items()}
     try:
-        story.manifest = cluster.daemonset_manifest()
+        story.manifest = ch.daemonset_manifest(cluster.work)
         started = time.monotonic()
         cluster.kubectl("apply", "-f", story.manifest)
         pods = cluster.wait_plugins_ready(besides=before)
