@@ -96,8 +96,9 @@ DEFAULT_COUNT = 110  # KubeVirt's default: the kubelet's default pod limit
 # A count is how many pods may share the node, which the kubelet's pod limit
 # (maxPods, 110 by default) bounds anyway; each device costs memory in every
 # list sent. Peak RSS over 300 kubelet restarts while the node flaps every
-# 100 ms (bench_plugin.py --flood, rss_mb_count_*_peak): 45 MiB at 10,000,
-# 52 at 20,000, 70 at 50,000, 100 at 100,000, past the DaemonSet's 96 Mi.
+# 100 ms (bench_plugin.py --flood, rss_mb_count_*_peak): 43 MiB at 10,000;
+# run by its path (3.8 MB more), 45 at 10,000, 52 at 20,000, 70 at 50,000
+# and 100 at 100,000, past the DaemonSet's 96 Mi.
 MAX_COUNT = 10_000
 # The kubelet sends one ContainerAllocateRequest per Allocate (one container
 # at admission), with as many IDs as that container's limit. A few more are
@@ -202,9 +203,9 @@ HTTP_MAX_CONNECTIONS = 32
 # once and then one every LOG_REFILL_S; the calls past that are counted, and
 # one line every LOG_SUMMARY_S says how many were allocated and refused. A
 # kubelet admitting pods one by one stays within it; four clients sending
-# 2,600 refused calls a second cost about 0.2 KB of log a second instead of
-# 1.5 KB (bench_plugin.py --flood: log_bytes_per_s_allocate_flood), and the
-# metrics count every call.
+# 2,100-3,200 refused calls a second cost 0.23-0.31 KB of log a second
+# instead of 1.5 KB (bench_plugin.py --flood: log_bytes_per_s_allocate_flood),
+# and the metrics count every Allocate.
 LOG_BURST = 10
 LOG_REFILL_S = 1.0
 LOG_SUMMARY_S = 10.0
@@ -864,7 +865,7 @@ class ThrottledLog:
 
     def report_left_out(self) -> None:
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.left_out.items()))
-        log.warning("%s: %d calls not logged in the last %g s: %s (the metrics count every one)",
+        log.warning("%s: %d calls not logged in the last %g s: %s (the metrics count every Allocate)",
                     self.resource_name, sum(self.left_out.values()), LOG_SUMMARY_S, counts)
         self.left_out.clear()
 
@@ -1073,6 +1074,8 @@ class DeviceService(pb_grpc.DevicePluginServicer):
         try:
             return request_type.FromString(raw)
         except DecodeError:
+            if request_type is pb.AllocateRequest:
+                self.allocation_errors += 1  # a refused Allocate like any other
             message = (f"{self.resource_name}: {len(raw)} request bytes do not decode "
                        f"as {request_type.DESCRIPTOR.name}")
             self.log_call("refused", logging.WARNING, "%s", message)

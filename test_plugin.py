@@ -1247,6 +1247,20 @@ def test_oversized_ids_and_undecodable_requests_are_invalid_argument_in_one_shor
     assert running.kubelet.allocate(resource("kvm"), [["kvm2"]]).container_responses
 
 
+def test_an_allocate_that_does_not_decode_is_counted_as_an_allocation_error(env):
+    # Past the log's budget such calls are only counted in a summary line;
+    # the metrics must count every Allocate, refused ones included.
+    env.kubelet.start()
+    port = free_port()
+    plugin = env.start_plugin("--count", "3", "--devices", "kvm", "--metrics-port", str(port))
+    assert env.kubelet.wait_registered([resource("kvm")], 3), plugin.log()
+    for method in ("Allocate", "GetDevicePluginOptions"):
+        assert raw_call(plugin_socket(env, "kvm"), method, b"\xff\xff\xff\xff").code() == \
+            grpc.StatusCode.INVALID_ARGUMENT
+    values = metric_values(http_get(port, "/metrics")[1])
+    assert (values["allocation_errors_total", resource("kvm")], values["allocations_total", resource("kvm")]) == (1, 0)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT])
 def test_sighup_and_sigquit_stop_cleanly_like_sigterm(running, signum):
     running.plugin.proc.send_signal(signal.SIGUSR1)  # means nothing here: ignored
